@@ -1,0 +1,5 @@
+"""The ``magikrun`` command. Thin: it parses, calls the library, prints."""
+
+from ._main import main as main
+
+__all__ = ["main"]

@@ -1,0 +1,81 @@
+"""Every size, count and time limit magikrun enforces, in one place.
+
+The figures are the seed's security table. Each is enforced where the data it
+bounds enters magikrun (a registry response, a tar entry, an API argument).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONTAINER_START_TIMEOUT",
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_MEMORY_BYTES",
+    "DEFAULT_WASM_FUEL",
+    "EXEC_TIMEOUT",
+    "IMAGE_PULL_TIMEOUT",
+    "MAX_CONFIG_SIZE",
+    "MAX_CONTAINERS",
+    "MAX_CONTAINER_ID_LEN",
+    "MAX_FILES_PER_LAYER",
+    "MAX_IMAGE_REF_LEN",
+    "MAX_INFLIGHT_BLOBS",
+    "MAX_LAYERS",
+    "MAX_LAYER_SIZE",
+    "MAX_MANIFEST_SIZE",
+    "MAX_MEMORY_BYTES",
+    "MAX_ROOTFS_SIZE",
+    "MAX_SYMLINK_DEPTH",
+    "MAX_VCPUS",
+    "MAX_VM_MEMORY_MIB",
+    "MAX_WASM_MEMORY_PAGES",
+    "MAX_WASM_MODULE_SIZE",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+MAX_IMAGE_REF_LEN = 512
+"""Bytes in an image reference."""
+MAX_LAYER_SIZE = 512 * MiB
+"""Compressed bytes of one layer blob."""
+MAX_ROOTFS_SIZE = 4 * GiB
+"""Extracted bytes of one image's layers together."""
+MAX_LAYERS = 128
+"""Layers in one image."""
+MAX_FILES_PER_LAYER = 100_000
+"""Entries in one layer archive (inode exhaustion)."""
+MAX_MANIFEST_SIZE = 1 * MiB
+"""Bytes of a manifest or image index."""
+MAX_CONFIG_SIZE = 1 * MiB
+"""Bytes of an image config blob."""
+MAX_CONTAINERS = 1024
+"""Containers one magikrun root holds."""
+MAX_CONTAINER_ID_LEN = 128
+"""Bytes of a container id."""
+MAX_WASM_MODULE_SIZE = 256 * MiB
+"""Bytes of a WebAssembly module."""
+MAX_WASM_MEMORY_PAGES = 65_536
+"""64 KiB pages of linear memory a module may grow to (4 GiB)."""
+DEFAULT_WASM_FUEL = 1_000_000_000
+"""Fuel units (about one per instruction) a module gets unless told otherwise."""
+MAX_VM_MEMORY_MIB = 4096
+"""Memory of one microVM."""
+MAX_VCPUS = 8
+"""vCPUs of one microVM."""
+DEFAULT_MEMORY_BYTES = 256 * MiB
+"""Container memory when the spec sets none."""
+MAX_MEMORY_BYTES = 8 * GiB
+"""Container memory a spec may ask for."""
+IMAGE_PULL_TIMEOUT = 300.0
+"""Seconds one pull may take, network included."""
+CONTAINER_START_TIMEOUT = 60.0
+"""Seconds a container may take from create to running."""
+DEFAULT_GRACE_PERIOD = 30.0
+"""Seconds between SIGTERM and SIGKILL on stop."""
+EXEC_TIMEOUT = 300.0
+"""Seconds one exec may run."""
+MAX_INFLIGHT_BLOBS = 256
+"""Blob downloads in flight at once, across all pulls of one process."""
+MAX_SYMLINK_DEPTH = 40
+"""Links followed while resolving one path inside a root filesystem (as Linux's ELOOP)."""
