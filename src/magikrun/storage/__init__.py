@@ -1,0 +1,9 @@
+"""Storage: content-addressed blobs, unpacked-layer snapshots, metadata. Owns bytes and
+records; never parses image formats."""
+
+from ._blobs import BlobWriter as BlobWriter
+from ._blobs import ContentStore as ContentStore
+from ._blobs import sha256_digest as sha256_digest
+from ._blobs import validate_digest as validate_digest
+
+__all__ = ["BlobWriter", "ContentStore", "sha256_digest", "validate_digest"]
