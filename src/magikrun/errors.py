@@ -31,6 +31,10 @@ attributes so that callers need not parse messages::
     │   ├── RuntimeUnavailable
     │   ├── NotSupported
     │   └── BackendFailed
+    ├── PodError
+    │   ├── InvalidPodSpec              a Pod manifest is malformed or asks for what we refuse
+    │   │   └── PodSpecTooLarge         (also a LimitExceeded)
+    │   └── PodNetworkError             a CNI plugin or network namespace step failed
     ├── StorageError
     │   ├── InvalidDigest
     │   ├── BlobNotFound
@@ -63,6 +67,7 @@ __all__ = [
     "InvalidBundle",
     "InvalidContainerId",
     "InvalidDigest",
+    "InvalidPodSpec",
     "InvalidReference",
     "InvalidState",
     "LimitExceeded",
@@ -71,6 +76,9 @@ __all__ = [
     "ManifestInvalid",
     "NotSupported",
     "PathTraversal",
+    "PodError",
+    "PodNetworkError",
+    "PodSpecTooLarge",
     "RegistryAuthError",
     "RuntimeUnavailable",
     "StorageError",
@@ -120,7 +128,9 @@ class ContainerError(MagikrunError):
 class InvalidContainerId(ContainerError, InvalidArgument):
     """Raised when a container id is empty, too long or has characters outside [A-Za-z0-9_.-]."""
 
-    default_hint = "use 1-128 characters from letters, digits, '_', '.' and '-', not starting with '.'"
+    default_hint = (
+        "use 1-128 characters from letters, digits, '_', '.' and '-', not starting with '.'"
+    )
 
 
 class ContainerNotFound(ContainerError):
@@ -225,6 +235,28 @@ class NotSupported(BackendError):
 
 class BackendFailed(BackendError):
     """Raised when a backend program or library reports an error."""
+
+
+class PodError(MagikrunError):
+    """Base of pod errors (manifests, pod networking)."""
+
+
+class InvalidPodSpec(PodError):
+    """Raised when a Pod manifest is malformed; ``field`` is the manifest path at fault."""
+
+    default_hint = "fix the manifest field named in the message"
+
+
+class PodSpecTooLarge(InvalidPodSpec, LimitExceeded):
+    """Raised when a Pod manifest is over a size, count or nesting limit."""
+
+    default_hint = "the manifest is larger than magikrun accepts; see magikrun.platform limits"
+
+
+class PodNetworkError(PodError):
+    """Raised when creating or tearing down a pod's network namespace or CNI attachment fails."""
+
+    default_hint = "check the CNI plugins in /usr/lib/cni and that magikrun runs as root"
 
 
 class StorageError(MagikrunError):

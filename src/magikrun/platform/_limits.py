@@ -23,6 +23,14 @@ __all__ = [
     "MAX_LAYER_SIZE",
     "MAX_MANIFEST_SIZE",
     "MAX_MEMORY_BYTES",
+    "MAX_POD_CONTAINERS",
+    "MAX_POD_ENV_VARS",
+    "MAX_POD_SPEC_DEPTH",
+    "MAX_POD_SPEC_EXPANDED",
+    "MAX_POD_SPEC_NODES",
+    "MAX_POD_SPEC_SIZE",
+    "MAX_POD_STRING_LEN",
+    "MAX_POD_VOLUMES",
     "MAX_ROOTFS_SIZE",
     "MAX_SYMLINK_DEPTH",
     "MAX_VCPUS",
@@ -79,3 +87,19 @@ MAX_INFLIGHT_BLOBS = 256
 """Blob downloads in flight at once, across all pulls of one process."""
 MAX_SYMLINK_DEPTH = 40
 """Links followed while resolving one path inside a root filesystem (as Linux's ELOOP)."""
+MAX_POD_SPEC_SIZE = 1 * MiB
+"""Bytes of one Pod manifest file (the Pod with its ConfigMaps and Secrets)."""
+MAX_POD_SPEC_NODES = 100_000
+"""Values in a parsed manifest, counting each YAML alias use again (alias bombs)."""
+MAX_POD_SPEC_DEPTH = 64
+"""Nesting depth of a parsed manifest."""
+MAX_POD_SPEC_EXPANDED = 8 * MiB
+"""Characters of all strings in a parsed manifest, counting each YAML alias use again."""
+MAX_POD_STRING_LEN = 256 * KiB
+"""Characters of one string in a manifest (a ConfigMap value, an env value, an argument)."""
+MAX_POD_CONTAINERS = 64
+"""Containers and init containers of one pod together."""
+MAX_POD_VOLUMES = 256
+"""Volumes of one pod (and volume mounts of one container)."""
+MAX_POD_ENV_VARS = 1024
+"""Environment variables of one container, after envFrom is expanded."""
