@@ -39,7 +39,10 @@ attributes so that callers need not parse messages::
     │   ├── InvalidDigest
     │   ├── BlobNotFound
     │   ├── DigestMismatch
-    │   └── StorageFull
+    │   ├── StorageFull
+    │   ├── SnapshotNotFound
+    │   ├── SnapshotInUse
+    │   └── RootfsExists
     └── MagikrunTimeout                 (also a builtin TimeoutError)
 """
 
@@ -80,7 +83,10 @@ __all__ = [
     "PodNetworkError",
     "PodSpecTooLarge",
     "RegistryAuthError",
+    "RootfsExists",
     "RuntimeUnavailable",
+    "SnapshotInUse",
+    "SnapshotNotFound",
     "StorageError",
     "StorageFull",
     "UnsafeLayer",
@@ -285,6 +291,24 @@ class StorageFull(StorageError):
     """Raised when the disk under the magikrun root is full."""
 
     default_hint = "free disk space under the magikrun root, e.g. with 'magikrun system gc'"
+
+
+class SnapshotNotFound(StorageError):
+    """Raised when a layer's unpacked snapshot is not in the snapshot store."""
+
+    default_hint = "unpack the image's layers first (pull or import the image again)"
+
+
+class SnapshotInUse(StorageError):
+    """Raised when removing a snapshot that a prepared root filesystem still stacks."""
+
+    default_hint = "remove the containers (root filesystems) that use it first"
+
+
+class RootfsExists(StorageError):
+    """Raised when preparing a root filesystem under a key that is already taken."""
+
+    default_hint = "pick another key or remove the existing root filesystem first"
 
 
 class MagikrunTimeout(MagikrunError, TimeoutError):
