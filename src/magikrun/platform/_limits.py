@@ -33,10 +33,12 @@ __all__ = [
     "MAX_POD_VOLUMES",
     "MAX_ROOTFS_SIZE",
     "MAX_SYMLINK_DEPTH",
+    "MAX_USER_DB_SIZE",
     "MAX_VCPUS",
     "MAX_VM_MEMORY_MIB",
     "MAX_WASM_MEMORY_PAGES",
     "MAX_WASM_MODULE_SIZE",
+    "MIN_MEMORY_BYTES",
 ]
 
 KiB = 1024
@@ -103,3 +105,7 @@ MAX_POD_VOLUMES = 256
 """Volumes of one pod (and volume mounts of one container)."""
 MAX_POD_ENV_VARS = 1024
 """Environment variables of one container, after envFrom is expanded."""
+MIN_MEMORY_BYTES = 6 * MiB
+"""Container memory a spec may ask for at least (below it the runtime itself cannot start)."""
+MAX_USER_DB_SIZE = 4 * MiB
+"""Bytes of an image's /etc/passwd or /etc/group read to resolve a user name."""

@@ -1,0 +1,27 @@
+"""Images: the image model, and bundles built from images for the runtimes."""
+
+from ._bundle import Bundle as Bundle
+from ._bundle import BundleBuilder as BundleBuilder
+from ._bundle import ContainerConfig as ContainerConfig
+from ._bundle import Mount as Mount
+from ._bundle import Resources as Resources
+from ._bundle import open_wasm_module as open_wasm_module
+from ._model import Descriptor as Descriptor
+from ._model import Image as Image
+from ._model import ImageConfig as ImageConfig
+from ._model import Layer as Layer
+from ._model import PlatformSpec as PlatformSpec
+
+__all__ = [
+    "Bundle",
+    "BundleBuilder",
+    "ContainerConfig",
+    "Descriptor",
+    "Image",
+    "ImageConfig",
+    "Layer",
+    "Mount",
+    "PlatformSpec",
+    "Resources",
+    "open_wasm_module",
+]
