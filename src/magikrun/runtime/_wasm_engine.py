@@ -1,0 +1,431 @@
+"""Compile and run one WASI preview-1 module on wasmtime-py, within magikrun's limits.
+
+The engine is what a wasm container's worker process runs; it knows nothing of
+containers. It enforces three limits: fuel (about one unit per instruction),
+linear-memory size (store limits) and module size (checked on the open file before
+it is read). ``interrupt()`` bumps the engine's epoch, which stops running wasm code
+at its next loop back-edge or call, from any thread.
+
+How a run ends, and the exit code it gives::
+
+    proc_exit(N)                  N
+    returned from _start          0
+    out of fuel                   152  (128 + SIGXCPU, as a CPU-time limit would)
+    memory limit, then a trap     137  (128 + SIGKILL, as the kernel's OOM killer gives)
+    any other trap                134  (128 + SIGABRT, as an abort)
+    interrupted by signal N       128 + N
+
+Compiled modules are cached in ``cache_dir`` under the module's sha256 and a key of
+the engine settings and wasmtime version, since wasmtime rejects a serialized
+module made by other settings. The cache directory must be magikrun's own:
+deserializing runs native code from it.
+
+Example::
+
+    engine = WasmEngine(cache_dir=paths.cache / "wasm")
+    compiled = engine.load_fd(fd, name="hello.wasm")
+    result = engine.run(engine.prepare(compiled, WasiSpec(argv=("hello.wasm",))))
+    result.exit_code
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import os
+import signal
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+from ..errors import BackendFailed, InvalidArgument, InvalidBundle, LimitExceeded
+from ..platform._limits import DEFAULT_WASM_FUEL, MAX_WASM_MEMORY_PAGES, MAX_WASM_MODULE_SIZE
+
+__all__ = [
+    "EXIT_MEMORY_LIMIT",
+    "EXIT_OUT_OF_FUEL",
+    "EXIT_TRAP",
+    "WASM_PAGE_SIZE",
+    "CompiledModule",
+    "Preopen",
+    "PreparedRun",
+    "WasiSpec",
+    "WasmEngine",
+    "WasmLimits",
+    "WasmResult",
+    "WasmStop",
+]
+
+WASM_PAGE_SIZE = 65_536
+EXIT_TRAP = 128 + signal.SIGABRT
+EXIT_OUT_OF_FUEL = 128 + signal.SIGXCPU
+EXIT_MEMORY_LIMIT = 128 + signal.SIGKILL
+_WASI_MODULE = "wasi_snapshot_preview1"
+_CACHE_SUFFIX = ".cwasm"
+
+
+class WasmStop(enum.StrEnum):
+    """Why a module stopped running."""
+
+    EXITED = "exited"
+    TRAPPED = "trapped"
+    OUT_OF_FUEL = "out-of-fuel"
+    MEMORY_LIMIT = "memory-limit"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WasmLimits:
+    """The limits one module runs under; each defaults to the seed's figure."""
+
+    fuel: int = DEFAULT_WASM_FUEL
+    memory_pages: int = MAX_WASM_MEMORY_PAGES
+    module_size: int = MAX_WASM_MODULE_SIZE
+
+    def __post_init__(self) -> None:
+        for name, value, ceiling in (
+            ("fuel", self.fuel, None),
+            ("memory_pages", self.memory_pages, MAX_WASM_MEMORY_PAGES),
+            ("module_size", self.module_size, MAX_WASM_MODULE_SIZE),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidArgument(
+                    f"wasm limit {name} must be a positive integer, not {value!r}",
+                    hint="pass a whole number above zero",
+                    limit=name,
+                )
+            if ceiling is not None and value > ceiling:
+                raise InvalidArgument(
+                    f"wasm limit {name}={value} is above magikrun's maximum {ceiling}",
+                    hint=f"use at most {ceiling}",
+                    limit=name,
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class Preopen:
+    """A host directory the module sees at ``guest`` (a volume or bind mount)."""
+
+    host: str
+    guest: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WasiSpec:
+    """What the module sees: argv, environment, directories, and where its output goes.
+
+    ``stdout``/``stderr`` name files (created or truncated); ``None`` passes this
+    process's own fd 1/2 through, which is how a worker writes into the container log.
+    """
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    preopens: tuple[Preopen, ...] = ()
+    stdout: str | None = None
+    stderr: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledModule:
+    """A validated, compiled module and whether it came from the cache."""
+
+    digest: str
+    module: wasmtime.Module
+    cache_hit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WasmResult:
+    """How a run ended: the exit code, the reason, and a message for the log."""
+
+    exit_code: int
+    stop: WasmStop
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreparedRun:
+    """A store with WASI set up and the module linked against it, ready to run once."""
+
+    store: wasmtime.Store
+    pre: wasmtime.InstancePre
+
+
+@dataclass(slots=True)
+class _Interrupt:
+    signal: int | None = None
+
+
+@contextlib.contextmanager
+def _wasmtime_errors(what: str, **subject: object) -> Iterator[None]:
+    """The one place wasmtime's own errors become magikrun errors."""
+    try:
+        yield
+    except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+        message = str(exc).strip().splitlines()
+        raise BackendFailed(
+            f"wasmtime failed to {what}: {message[0] if message else type(exc).__name__}",
+            hint="check the module and its WASI configuration",
+            **subject,
+        ) from exc
+
+
+def _wasmtime_version() -> str:
+    """The installed wasmtime-py version, read from its dist-info name (cheap, no metadata scan)."""
+    site = Path(wasmtime.__file__).resolve().parent.parent
+    found = sorted(p.name for p in site.glob("wasmtime-*.dist-info"))
+    if not found:
+        raise BackendFailed(
+            "cannot tell which wasmtime version is installed",
+            hint="reinstall wasmtime with pip so that its dist-info is present",
+        )
+    return found[-1].removeprefix("wasmtime-").removesuffix(".dist-info")
+
+
+class WasmEngine:
+    """One wasmtime engine with fuel, epoch interruption and a compiled-module cache."""
+
+    def __init__(self, *, cache_dir: Path | None, limits: WasmLimits | None = None) -> None:
+        self.limits = limits if limits is not None else WasmLimits()
+        self.cache_dir = cache_dir
+        self.compiles = 0
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.epoch_interruption = True
+        # A worker is forked from a process that may already own wasmtime threads;
+        # compiling on the calling thread keeps the child free of a dead thread pool.
+        config.parallel_compilation = False
+        self._engine = wasmtime.Engine(config)
+        self._interrupt = _Interrupt()
+        self._cache_key = hashlib.sha256(
+            f"wasmtime-py {_wasmtime_version()}; fuel; epoch; serial".encode()
+        ).hexdigest()[:16]
+
+    def interrupt(self, signum: int) -> None:
+        """Stop running wasm code at its next epoch check; safe from any thread."""
+        self._interrupt.signal = signum
+        self._engine.increment_epoch()
+
+    def load_fd(self, fd: int, *, name: str) -> CompiledModule:
+        """Read a module from an open file, refusing one over the size limit before reading it."""
+        size = os.fstat(fd).st_size
+        self._check_size(size, name)
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(1 << 20, self.limits.module_size + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            self._check_size(total, name)
+        return self.load_bytes(b"".join(chunks), name=name)
+
+    def load_bytes(self, wasm: bytes, *, name: str) -> CompiledModule:
+        """Validate and compile a module, or take it from the cache; check it can run here."""
+        self._check_size(len(wasm), name)
+        if not wasm.startswith(b"\0asm"):
+            raise InvalidBundle(
+                f"{name} is not a WebAssembly binary module",
+                hint="the module must be a .wasm binary (magic \\0asm), not text or a component",
+                path=name,
+            )
+        digest = hashlib.sha256(wasm).hexdigest()
+        cached = self._cache_path(digest)
+        module = self._from_cache(cached) if cached is not None else None
+        hit = module is not None
+        if module is None:
+            module = self._compile(wasm, name)
+            if cached is not None:
+                self._store(cached, module)
+        self._check_module(module, name)
+        return CompiledModule(digest=f"sha256:{digest}", module=module, cache_hit=hit)
+
+    def cache_file(self, digest: str) -> Path | None:
+        """Where the compiled form of the module with this ``sha256:`` digest is cached."""
+        return self._cache_path(digest.removeprefix("sha256:"))
+
+    def prepare(self, compiled: CompiledModule, spec: WasiSpec) -> PreparedRun:
+        """Set up the store, WASI and the linked module, so that only running is left.
+
+        Raises :class:`InvalidBundle` when the module imports something WASI does not
+        provide, and :class:`BackendFailed` when a preopened directory cannot be opened.
+        """
+        store = wasmtime.Store(self._engine)
+        store.set_fuel(self.limits.fuel)
+        store.set_epoch_deadline(1)
+        store.set_limits(memory_size=self.limits.memory_pages * WASM_PAGE_SIZE)
+        name = spec.argv[0] if spec.argv else ""
+        with _wasmtime_errors("set up WASI", path=name):
+            store.set_wasi(_wasi_config(spec))
+            linker = wasmtime.Linker(self._engine)
+            linker.define_wasi()
+        try:
+            pre = linker.instantiate_pre(compiled.module)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidBundle(
+                f"wasm module {name} cannot be linked: {_first_line(str(exc))}",
+                hint="the module must import only WASI preview 1 functions",
+                path=name,
+            ) from exc
+        return PreparedRun(store=store, pre=pre)
+
+    def run(self, prepared: PreparedRun) -> WasmResult:
+        """Instantiate and call ``_start``; the guest's faults become a result, never an error."""
+        store = prepared.store
+        instance: wasmtime.Instance | None = None
+        try:
+            instance = prepared.pre.instantiate(store)
+            start = instance.exports(store)["_start"]
+            if not isinstance(start, wasmtime.Func):
+                return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, "_start is not a function")
+            start(store)
+        except wasmtime.ExitTrap as exc:
+            return WasmResult(exc.code, WasmStop.EXITED)
+        except wasmtime.Trap as exc:
+            return self._trapped(exc, store, instance)
+        except wasmtime.WasmtimeError as exc:
+            return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, _first_line(str(exc)))
+        return WasmResult(0, WasmStop.EXITED)
+
+    def _trapped(
+        self, trap: wasmtime.Trap, store: wasmtime.Store, instance: wasmtime.Instance | None
+    ) -> WasmResult:
+        code = trap.trap_code
+        text = _trap_text(trap.message)
+        if code == wasmtime.TrapCode.INTERRUPT and self._interrupt.signal is not None:
+            signum = self._interrupt.signal
+            return WasmResult(
+                128 + signum,
+                WasmStop.INTERRUPTED,
+                f"wasm module stopped by {signal.Signals(signum).name}",
+            )
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return WasmResult(
+                EXIT_OUT_OF_FUEL,
+                WasmStop.OUT_OF_FUEL,
+                f"wasm module ran out of fuel ({self.limits.fuel} units); "
+                "raise the fuel limit if it needs more",
+            )
+        if instance is not None and self._memory_full(store, instance):
+            return WasmResult(
+                EXIT_MEMORY_LIMIT,
+                WasmStop.MEMORY_LIMIT,
+                f"wasm module trapped ({text}) with its memory at the limit of "
+                f"{self.limits.memory_pages} pages; raise the memory limit if it needs more",
+            )
+        return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, f"wasm trap: {text}")
+
+    def _memory_full(self, store: wasmtime.Store, instance: wasmtime.Instance) -> bool:
+        """True when a memory of the instance cannot grow by one more page under the limit."""
+        limit = self.limits.memory_pages
+        for item in instance.exports(store).values():
+            if isinstance(item, wasmtime.Memory) and item.size(store) + 1 > limit:
+                return True
+        return False
+
+    def _check_size(self, size: int, name: str) -> None:
+        if size > self.limits.module_size:
+            raise LimitExceeded(
+                f"wasm module {name} is {size} bytes, over the limit of {self.limits.module_size}",
+                hint="use a smaller module or raise the module size limit",
+                path=name,
+                size=size,
+            )
+
+    def _check_module(self, module: wasmtime.Module, name: str) -> None:
+        """Refuse at load time what could never run: wrong imports, no _start, too much memory."""
+        exports = {item.name: item.type for item in module.exports}
+        if not isinstance(exports.get("_start"), wasmtime.FuncType):
+            raise InvalidBundle(
+                f"wasm module {name} exports no _start function",
+                hint="build it as a WASI command (e.g. --target wasm32-wasip1), not a library",
+                path=name,
+            )
+        for imported in module.imports:
+            if imported.module != _WASI_MODULE:
+                raise InvalidBundle(
+                    f"wasm module {name} imports {imported.module}.{imported.name}, "
+                    "which only WASI preview 1 can provide here",
+                    hint=f"magikrun provides only {_WASI_MODULE} imports",
+                    path=name,
+                )
+        memories = [t for t in exports.values() if isinstance(t, wasmtime.MemoryType)]
+        for memory in memories:
+            if memory.limits.min > self.limits.memory_pages:
+                raise LimitExceeded(
+                    f"wasm module {name} needs {memory.limits.min} memory pages at start, "
+                    f"over the limit of {self.limits.memory_pages}",
+                    hint="raise the memory limit or build the module with a smaller initial memory",
+                    path=name,
+                )
+
+    def _compile(self, wasm: bytes, name: str) -> wasmtime.Module:
+        self.compiles += 1
+        try:
+            return wasmtime.Module(self._engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidBundle(
+                f"wasm module {name} is invalid: {_first_line(str(exc))}",
+                hint="rebuild the module; it failed WebAssembly validation",
+                path=name,
+            ) from exc
+
+    def _cache_path(self, hexdigest: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"{hexdigest}-{self._cache_key}{_CACHE_SUFFIX}"
+
+    def _from_cache(self, path: Path) -> wasmtime.Module | None:
+        try:
+            return wasmtime.Module.deserialize_file(self._engine, str(path))
+        except wasmtime.WasmtimeError:
+            # Missing, or written by another build: compiling again replaces it.
+            return None
+
+    def _store(self, path: Path, module: wasmtime.Module) -> None:
+        """Write the compiled module next to its final name, then rename it into place."""
+        with _wasmtime_errors("serialize a compiled module", path=str(path)):
+            data = bytes(module.serialize())
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_CACHE_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+def _wasi_config(spec: WasiSpec) -> wasmtime.WasiConfig:
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = list(spec.argv)
+    wasi.env = [list(pair) for pair in spec.env]
+    if spec.stdout is None:
+        wasi.inherit_stdout()
+    else:
+        wasi.stdout_file = spec.stdout
+    if spec.stderr is None:
+        wasi.inherit_stderr()
+    else:
+        wasi.stderr_file = spec.stderr
+    for preopen in spec.preopens:
+        wasi.preopen_dir(preopen.host, preopen.guest, fs_mutable=not preopen.readonly)
+    return wasi
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def _trap_text(message: str) -> str:
+    """The trap's reason without wasmtime's backtrace (e.g. "wasm `unreachable` ...")."""
+    for line in reversed(message.strip().splitlines()):
+        stripped = line.strip()
+        if stripped.startswith("wasm trap:"):
+            return stripped.removeprefix("wasm trap:").strip()
+    return _first_line(message)

@@ -1,0 +1,220 @@
+"""The container process of a wasm container: one Python process per module.
+
+Started by the container's monitor (``ready="fd"``), the worker does at create
+everything that can fail — opening the module inside the rootfs, compiling it or
+taking it from the cache, linking WASI, opening preopened directories — and says
+``ok`` (or one JSON error line) on ``$MAGIKRUN_READY_FD``. It then blocks opening
+its exec fifo for writing, as crun's container init does, until ``start`` opens the
+fifo for reading; then it runs the module and exits with the module's exit code
+(see :mod:`magikrun.runtime._wasm_engine` for the table).
+
+Terminating signals are taken by a helper thread with ``sigwait``: before the
+module runs the worker exits at once with 128+N; while it runs, the engine's epoch
+is bumped so that wasm code stops at its next check and the worker exits with
+128+N after writing why to stderr (the container log). Its stdout/stderr are the
+monitor's pipes (the CRI log) or, for a foreground run, the caller's terminal.
+
+Run as ``python -m magikrun.runtime._wasm_worker SPEC_JSON_FILE``; the spec file
+sits in the container's state directory (mode 0600: it holds the environment).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ..errors import InvalidBundle, LimitExceeded, MagikrunError
+
+__all__ = ["READY_FD_ENV", "WorkerSpec", "main", "open_in_root"]
+
+READY_FD_ENV = "MAGIKRUN_READY_FD"
+_CATCH = frozenset(
+    {
+        signal.SIGHUP,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGTERM,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGALRM,
+    }
+)
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSpec:
+    """Everything a worker needs, written by :class:`WasmtimeRuntime` at create."""
+
+    rootfs: str
+    """Host path of the container's root filesystem (preopened as ``/``)."""
+    module: str
+    """The module's path inside ``rootfs`` (``process.args[0]``)."""
+    argv: list[str]
+    env: list[tuple[str, str]]
+    preopens: list[tuple[str, str, bool]]
+    """``(host, guest, readonly)`` for the rootfs and each bind mount."""
+    fuel: int
+    memory_pages: int
+    module_size: int
+    cache_dir: str
+    exec_fifo: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        raw: dict[str, Any] = json.loads(text)
+        raw["env"] = [tuple(pair) for pair in raw["env"]]
+        raw["preopens"] = [tuple(item) for item in raw["preopens"]]
+        return cls(**raw)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+def open_in_root(root: str, path: str, *, max_size: int) -> int:
+    """Open the regular file ``path`` as if ``root`` were ``/``; the kernel keeps it inside.
+
+    ``openat2(RESOLVE_IN_ROOT)`` resolves ``..`` and every symlink (absolute ones
+    included) within ``root``, so a hostile rootfs cannot point outside itself.
+    Refuses anything but a regular file no larger than ``max_size``.
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        how = _OpenHow(
+            flags=os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
+            mode=0,
+            resolve=_RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS,
+        )
+        fd: int = libc.syscall(
+            _SYS_OPENAT2,
+            root_fd,
+            os.fsencode(path),
+            ctypes.byref(how),
+            ctypes.sizeof(how),
+        )
+    finally:
+        os.close(root_fd)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise InvalidBundle(
+            f"cannot open the wasm module {path!r} inside the rootfs {root}: {os.strerror(err)}",
+            hint="process.args[0] must name a .wasm file inside root.path",
+            path=path,
+        )
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise InvalidBundle(
+            f"the wasm module {path!r} is not a regular file",
+            hint="process.args[0] must name a .wasm file inside root.path",
+            path=path,
+        )
+    if info.st_size > max_size:
+        os.close(fd)
+        raise LimitExceeded(
+            f"wasm module {path} is {info.st_size} bytes, over the limit of {max_size}",
+            hint="use a smaller module or raise the module size limit",
+            path=path,
+            size=info.st_size,
+        )
+    os.set_blocking(fd, True)
+    return fd
+
+
+class _Signals:
+    """Takes terminating signals on a helper thread and turns them into exits or interrupts."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.interrupt: Any = None
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CATCH)
+        threading.Thread(target=self._wait, name="signals", daemon=True).start()
+
+    def running(self, interrupt: Any) -> None:
+        with self.lock:
+            self.interrupt = interrupt
+
+    def _wait(self) -> None:
+        while True:
+            signum = signal.sigwait(_CATCH)
+            with self.lock:
+                if self.interrupt is None:
+                    os._exit(128 + signum)
+                self.interrupt(signum)
+
+
+def _error_line(exc: BaseException) -> bytes:
+    if isinstance(exc, MagikrunError):
+        message, hint = exc.message, exc.hint
+    else:
+        message, hint = f"{type(exc).__name__}: {exc}", "see the container log"
+    return json.dumps({"error": type(exc).__name__, "message": message, "hint": hint}).encode()
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Prepare the module, report readiness, wait for start, run, exit with its code."""
+    args = sys.argv if argv is None else argv
+    if len(args) != 2 or READY_FD_ENV not in os.environ:
+        sys.exit(f"usage: {READY_FD_ENV}=FD python -m magikrun.runtime._wasm_worker SPEC_FILE")
+    signals = _Signals()
+    ready_fd = int(os.environ.pop(READY_FD_ENV))
+    try:
+        spec = WorkerSpec.from_json(Path(args[1]).read_text())
+        from ._wasm_engine import Preopen, WasiSpec, WasmEngine, WasmLimits
+
+        engine = WasmEngine(
+            cache_dir=Path(spec.cache_dir),
+            limits=WasmLimits(
+                fuel=spec.fuel, memory_pages=spec.memory_pages, module_size=spec.module_size
+            ),
+        )
+        module_fd = open_in_root(spec.rootfs, spec.module, max_size=spec.module_size)
+        try:
+            compiled = engine.load_fd(module_fd, name=spec.module)
+        finally:
+            os.close(module_fd)
+        prepared = engine.prepare(
+            compiled,
+            WasiSpec(
+                argv=tuple(spec.argv),
+                env=tuple(spec.env),
+                preopens=tuple(Preopen(h, g, ro) for h, g, ro in spec.preopens),
+            ),
+        )
+    except (MagikrunError, OSError, ValueError, KeyError, TypeError) as exc:
+        os.write(ready_fd, _error_line(exc) + b"\n")
+        os._exit(1)
+    os.write(ready_fd, b"ok\n")
+    os.close(ready_fd)
+    fifo = os.open(spec.exec_fifo, os.O_WRONLY | os.O_CLOEXEC)
+    os.write(fifo, b"0")
+    os.close(fifo)
+    signals.running(engine.interrupt)
+    result = engine.run(prepared)
+    if result.message:
+        os.write(2, f"magikrun: {result.message}\n".encode())
+    os._exit(result.exit_code)
+
+
+if __name__ == "__main__":
+    main()
