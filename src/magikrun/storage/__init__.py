@@ -5,5 +5,14 @@ from ._blobs import BlobWriter as BlobWriter
 from ._blobs import ContentStore as ContentStore
 from ._blobs import sha256_digest as sha256_digest
 from ._blobs import validate_digest as validate_digest
+from ._metadata import ImageRecord as ImageRecord
+from ._metadata import MetadataStore as MetadataStore
 
-__all__ = ["BlobWriter", "ContentStore", "sha256_digest", "validate_digest"]
+__all__ = [
+    "BlobWriter",
+    "ContentStore",
+    "ImageRecord",
+    "MetadataStore",
+    "sha256_digest",
+    "validate_digest",
+]
