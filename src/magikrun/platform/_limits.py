@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_WASM_FUEL",
     "EXEC_TIMEOUT",
     "IMAGE_PULL_TIMEOUT",
+    "KVM_PROBE_TIMEOUT",
     "MAX_CONFIG_SIZE",
     "MAX_CONTAINERS",
     "MAX_CONTAINER_ID_LEN",
@@ -39,6 +40,7 @@ __all__ = [
     "MAX_WASM_MEMORY_PAGES",
     "MAX_WASM_MODULE_SIZE",
     "MIN_MEMORY_BYTES",
+    "TOOL_VERSION_TIMEOUT",
 ]
 
 KiB = 1024
@@ -109,3 +111,7 @@ MIN_MEMORY_BYTES = 6 * MiB
 """Container memory a spec may ask for at least (below it the runtime itself cannot start)."""
 MAX_USER_DB_SIZE = 4 * MiB
 """Bytes of an image's /etc/passwd or /etc/group read to resolve a user name."""
+KVM_PROBE_TIMEOUT = 10.0
+"""Seconds a probe boot of the guest kernel under KVM may take to print its banner."""
+TOOL_VERSION_TIMEOUT = 5.0
+"""Seconds a backend program (crun, qemu, ...) may take to answer ``--version``."""
