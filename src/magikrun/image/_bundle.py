@@ -115,6 +115,7 @@ _MIN_CPU_SHARES = 2
 _MAX_CPU_SHARES = 262_144
 _MAX_CPU_MILLICORES = 1024 * 1000
 _MAX_UID = 2**32 - 2
+_MAX_RLIMIT = 2**64 - 1
 
 MASKED_PATHS = (
     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
@@ -198,6 +199,8 @@ class ContainerConfig:
     """
 
     name: str
+    """Names the default bundle directory and the cgroup (``/magikrun/<root tag>-<name>``),
+    so it must be unique among the root's live containers: use the container id."""
     command: Sequence[str] | None = None
     args: Sequence[str] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
@@ -369,9 +372,7 @@ class BundleBuilder:
                 "BundleBuilder with allow_privileged=True only for trusted workloads",
                 field="privileged",
             )
-        argv = _argv(image, config)
-        if wasm:
-            argv = _wasm_argv(argv)
+        argv = _wasm_argv(_argv(image, config)) if wasm else _require_program(_argv(image, config))
         env = _env(image, config)
         cwd, cwd_field = (
             (config.working_dir, "working_dir")
@@ -477,7 +478,10 @@ def _argv(image: ImageConfig, config: ContainerConfig) -> list[str]:
     cmd = _strings(image.cmd, "image.config.Cmd")
     command = _strings(config.command, "command")
     args = _strings(config.args, "args")
-    argv = (command or entrypoint) + (args or ([] if command else cmd))
+    return (command or entrypoint) + (args or ([] if command else cmd))
+
+
+def _require_program(argv: list[str]) -> list[str]:
     if not argv or not argv[0]:
         raise _fail(
             "command",
@@ -489,7 +493,7 @@ def _argv(image: ImageConfig, config: ContainerConfig) -> list[str]:
 
 def _wasm_argv(argv: list[str]) -> list[str]:
     """argv[0] names the module (crun's convention); an argv[0] that named the module
-    inside the image is replaced, otherwise argv is the module's arguments."""
+    inside the image is replaced, otherwise argv (possibly empty) is the module's arguments."""
     if argv and argv[0].endswith(".wasm"):
         return [WASM_MODULE_PATH, *argv[1:]]
     return [WASM_MODULE_PATH, *argv]
@@ -572,6 +576,13 @@ def _resolve_in_root(root_fd: int, path: str, field_name: str) -> _Resolved:
             part = todo.pop()
             if part in ("", "."):
                 continue
+            if kind == "file":
+                raise _fail(
+                    field_name,
+                    f"{path!r}: /{'/'.join(parts)} is not a directory",
+                    "use a path of directories",
+                    path=path,
+                )
             if part == "..":
                 if not parts:
                     raise escape()
@@ -580,13 +591,6 @@ def _resolve_in_root(root_fd: int, path: str, field_name: str) -> _Resolved:
                 parts.pop()
                 kind = "dir" if len(fds) == len(parts) else "missing"
                 continue
-            if kind == "file":
-                raise _fail(
-                    field_name,
-                    f"{path!r}: /{'/'.join(parts)} is not a directory",
-                    "use a path of directories",
-                    path=path,
-                )
             if kind == "missing":
                 parts.append(part)
                 continue
@@ -619,16 +623,16 @@ def _resolve_in_root(root_fd: int, path: str, field_name: str) -> _Resolved:
                     )
                 )
                 parts.append(part)
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 parts.append(part)
-                kind = "file" if stat.S_ISREG(st.st_mode) else "missing"
-                if not stat.S_ISREG(st.st_mode):
-                    raise _fail(
-                        field_name,
-                        f"{path!r} is neither a file nor a directory",
-                        "use a path to a regular file or directory",
-                        path=path,
-                    )
+                kind = "file"
+            else:
+                raise _fail(
+                    field_name,
+                    f"{path!r} is neither a file nor a directory",
+                    "use a path to a regular file or directory",
+                    path=path,
+                )
     finally:
         for fd in fds:
             os.close(fd)
@@ -827,7 +831,10 @@ def _rlimits(requested: Mapping[str, tuple[int, int]]) -> list[dict[str, Any]]:
         if not (
             isinstance(value, tuple)
             and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_RLIMIT
+                for v in value
+            )
             and value[0] <= value[1]
         ):
             raise _fail(
