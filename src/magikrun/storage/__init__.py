@@ -7,12 +7,16 @@ from ._blobs import sha256_digest as sha256_digest
 from ._blobs import validate_digest as validate_digest
 from ._metadata import ImageRecord as ImageRecord
 from ._metadata import MetadataStore as MetadataStore
+from ._snapshots import Rootfs as Rootfs
+from ._snapshots import SnapshotStore as SnapshotStore
 
 __all__ = [
     "BlobWriter",
     "ContentStore",
     "ImageRecord",
     "MetadataStore",
+    "Rootfs",
+    "SnapshotStore",
     "sha256_digest",
     "validate_digest",
 ]
