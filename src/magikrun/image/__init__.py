@@ -6,6 +6,10 @@ from ._bundle import ContainerConfig as ContainerConfig
 from ._bundle import Mount as Mount
 from ._bundle import Resources as Resources
 from ._bundle import open_wasm_module as open_wasm_module
+from ._extract import ExtractBudget as ExtractBudget
+from ._extract import LayerStats as LayerStats
+from ._extract import apply_layer as apply_layer
+from ._extract import unpack_layer as unpack_layer
 from ._model import Descriptor as Descriptor
 from ._model import Image as Image
 from ._model import ImageConfig as ImageConfig
@@ -17,11 +21,15 @@ __all__ = [
     "BundleBuilder",
     "ContainerConfig",
     "Descriptor",
+    "ExtractBudget",
     "Image",
     "ImageConfig",
     "Layer",
+    "LayerStats",
     "Mount",
     "PlatformSpec",
     "Resources",
+    "apply_layer",
     "open_wasm_module",
+    "unpack_layer",
 ]
