@@ -7,10 +7,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from magikrun.platform import Paths
+
+if TYPE_CHECKING:
+    from _registry import RegistryServer
 
 
 @pytest.fixture
@@ -30,3 +34,31 @@ def paths(short_tmp: Path) -> Paths:
 
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+REGISTRY_USERS = {"alice": "wonderland"}
+"""The accounts of the ``auth_registry`` fixture (htpasswd, bcrypt)."""
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[RegistryServer]:
+    """Debian's docker-registry on a free 127.0.0.1 port, anonymous (one per xdist worker)."""
+    from _registry import RegistryServer
+
+    server = RegistryServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_registry() -> Iterator[RegistryServer]:
+    """docker-registry behind htpasswd Basic auth with the accounts of REGISTRY_USERS."""
+    from _registry import RegistryServer
+
+    server = RegistryServer(users=REGISTRY_USERS).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -85,7 +85,7 @@ def parse_challenges(header: str) -> list[Challenge]:
 
     def token(i: int) -> tuple[str, int]:
         start = i
-        while i < n and header[i] not in " \t,=\"":
+        while i < n and header[i] not in ' \t,="':
             i += 1
         return header[start:i], i
 

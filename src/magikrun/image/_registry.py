@@ -96,13 +96,26 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or default
 
 
+def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as sent. We ask for no transfer compression; one we did not ask for could
+    be a decompression bomb, and would make digests and sizes meaningless."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise ImagePullFailed(
+            f"{response.url.host} sent a body with Content-Encoding {encoding[:50]!r} "
+            "though magikrun asked for none",
+            hint="the server or a proxy in between is misconfigured",
+        )
+    return response.aiter_bytes()
+
+
 async def _read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
     """Read the body, stopping as soon as it goes over ``limit`` bytes."""
     length = response.headers.get("Content-Length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ImageTooLarge(f"{what} is {length} bytes, over the {limit}-byte limit")
     body = bytearray()
-    async for chunk in response.aiter_raw():
+    async for chunk in _body(response):
         body += chunk
         if len(body) > limit:
             raise ImageTooLarge(f"{what} is over the {limit}-byte limit")
@@ -429,7 +442,7 @@ class RegistryClient:
                                 continue
                             else:
                                 await self._fail(r, what, _blob_not_found(self.registry))
-                            async for chunk in r.aiter_raw():
+                            async for chunk in _body(r):
                                 writer.write(chunk)
                                 if progress is not None:
                                     progress(
