@@ -1,5 +1,7 @@
 """Images: the image model, and bundles built from images for the runtimes."""
 
+from ._auth import Credentials as Credentials
+from ._auth import load_credentials as load_credentials
 from ._bundle import Bundle as Bundle
 from ._bundle import BundleBuilder as BundleBuilder
 from ._bundle import ContainerConfig as ContainerConfig
@@ -15,21 +17,35 @@ from ._model import Image as Image
 from ._model import ImageConfig as ImageConfig
 from ._model import Layer as Layer
 from ._model import PlatformSpec as PlatformSpec
+from ._pull import pull as pull
+from ._reference import Reference as Reference
+from ._registry import FetchedManifest as FetchedManifest
+from ._registry import ProgressCallback as ProgressCallback
+from ._registry import ProgressEvent as ProgressEvent
+from ._registry import RegistryClient as RegistryClient
 
 __all__ = [
     "Bundle",
     "BundleBuilder",
     "ContainerConfig",
+    "Credentials",
     "Descriptor",
     "ExtractBudget",
+    "FetchedManifest",
     "Image",
     "ImageConfig",
     "Layer",
     "LayerStats",
     "Mount",
     "PlatformSpec",
+    "ProgressCallback",
+    "ProgressEvent",
+    "Reference",
+    "RegistryClient",
     "Resources",
     "apply_layer",
+    "load_credentials",
     "open_wasm_module",
+    "pull",
     "unpack_layer",
 ]
