@@ -8,10 +8,17 @@ from ._bundle import ContainerConfig as ContainerConfig
 from ._bundle import Mount as Mount
 from ._bundle import Resources as Resources
 from ._bundle import open_wasm_module as open_wasm_module
+from ._demo import BUSYBOX_DEMO_REF as BUSYBOX_DEMO_REF
+from ._demo import HELLO_WASM_DEMO_REF as HELLO_WASM_DEMO_REF
+from ._demo import build_demo_images as build_demo_images
+from ._demo import write_demo_layout as write_demo_layout
 from ._extract import ExtractBudget as ExtractBudget
 from ._extract import LayerStats as LayerStats
 from ._extract import apply_layer as apply_layer
 from ._extract import unpack_layer as unpack_layer
+from ._layout import LayerEntry as LayerEntry
+from ._layout import LayoutWriter as LayoutWriter
+from ._layout import build_layer as build_layer
 from ._model import Descriptor as Descriptor
 from ._model import Image as Image
 from ._model import ImageConfig as ImageConfig
@@ -23,8 +30,14 @@ from ._registry import FetchedManifest as FetchedManifest
 from ._registry import ProgressCallback as ProgressCallback
 from ._registry import ProgressEvent as ProgressEvent
 from ._registry import RegistryClient as RegistryClient
+from ._service import GcResult as GcResult
+from ._service import ImageService as ImageService
+from ._service import ImageSummary as ImageSummary
+from ._service import PullPolicy as PullPolicy
+from ._service import VerifyResult as VerifyResult
 
 __all__ = [
+    "BUSYBOX_DEMO_REF",
     "Bundle",
     "BundleBuilder",
     "ContainerConfig",
@@ -32,20 +45,31 @@ __all__ = [
     "Descriptor",
     "ExtractBudget",
     "FetchedManifest",
+    "GcResult",
+    "HELLO_WASM_DEMO_REF",
     "Image",
     "ImageConfig",
+    "ImageService",
+    "ImageSummary",
     "Layer",
+    "LayerEntry",
     "LayerStats",
+    "LayoutWriter",
     "Mount",
     "PlatformSpec",
     "ProgressCallback",
     "ProgressEvent",
+    "PullPolicy",
     "Reference",
     "RegistryClient",
     "Resources",
+    "VerifyResult",
     "apply_layer",
+    "build_demo_images",
+    "build_layer",
     "load_credentials",
     "open_wasm_module",
     "pull",
     "unpack_layer",
+    "write_demo_layout",
 ]

@@ -206,7 +206,12 @@ class _TarSource:
                     raise PathTraversal(
                         f"archive link {name!r} points outside the archive", path=name
                     )
-                self._links[name] = safe_name(posixpath.join(base, target))
+                joined = posixpath.normpath(posixpath.join(base, target))
+                if joined == ".." or joined.startswith("../"):
+                    raise PathTraversal(
+                        f"archive link {name!r} points outside the archive", path=name
+                    )
+                self._links[name] = safe_name(joined)
             elif not member.isdir():
                 raise PathTraversal(
                     f"archive entry {name!r} is a device, fifo or other special file", path=name

@@ -163,8 +163,15 @@ class MetadataStore:
                     hint="upgrade magikrun, or use another --root",
                     component=component,
                 )
-            for step in steps[version:]:
-                _run_script(conn, step)
+            for number, step in enumerate(steps[version:], start=version + 1):
+                try:
+                    _run_script(conn, step)
+                except sqlite3.DatabaseError as exc:
+                    raise StorageError(
+                        f"migration {number} of {component!r} failed: {exc}",
+                        hint="this is a bug in magikrun; the database was left unchanged",
+                        component=component,
+                    ) from exc
             conn.execute(
                 "INSERT INTO schema_versions(component, version) VALUES (?, ?) "
                 "ON CONFLICT(component) DO UPDATE SET version = excluded.version",
@@ -313,11 +320,10 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 def _statements(script: str) -> Iterable[str]:
     buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip():
-                yield buffer.strip()
+    for char in script:
+        buffer += char
+        if char == ";" and sqlite3.complete_statement(buffer):
+            yield buffer.strip()
             buffer = ""
     if buffer.strip():
         yield buffer.strip()
