@@ -7,6 +7,7 @@ bounds enters magikrun (a registry response, a tar entry, an API argument).
 from __future__ import annotations
 
 __all__ = [
+    "CNI_PLUGIN_TIMEOUT",
     "CONTAINER_START_TIMEOUT",
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_MEMORY_BYTES",
@@ -115,3 +116,5 @@ KVM_PROBE_TIMEOUT = 10.0
 """Seconds a probe boot of the guest kernel under KVM may take to print its banner."""
 TOOL_VERSION_TIMEOUT = 5.0
 """Seconds a backend program (crun, qemu, ...) may take to answer ``--version``."""
+CNI_PLUGIN_TIMEOUT = 30.0
+"""Seconds one CNI plugin call (ADD, DEL, CHECK) may take."""

@@ -1,0 +1,50 @@
+"""Pods: the ``PodSpec`` model of Kubernetes Pod manifests and native pod networking."""
+
+from ._hostfiles import (
+    etc_hostname as etc_hostname,
+)
+from ._hostfiles import (
+    etc_hosts as etc_hosts,
+)
+from ._hostfiles import (
+    etc_resolv_conf as etc_resolv_conf,
+)
+from ._hostfiles import (
+    write_etc_files as write_etc_files,
+)
+from ._network import (
+    DEFAULT_BRIDGE as DEFAULT_BRIDGE,
+)
+from ._network import (
+    DEFAULT_SUBNET as DEFAULT_SUBNET,
+)
+from ._network import NetworkStatus as NetworkStatus
+from ._network import PodNetwork as PodNetwork
+from ._network import PortMapping as PortMapping
+from ._network import create_netns as create_netns
+from ._network import delete_netns as delete_netns
+from ._quantity import cpu_millicores as cpu_millicores
+from ._quantity import memory_bytes as memory_bytes
+from ._quantity import parse_quantity as parse_quantity
+from ._spec import *  # noqa: F403
+from ._spec import __all__ as _spec_all
+
+__all__ = sorted(
+    [
+        *_spec_all,
+        "DEFAULT_BRIDGE",
+        "DEFAULT_SUBNET",
+        "NetworkStatus",
+        "PodNetwork",
+        "PortMapping",
+        "cpu_millicores",
+        "create_netns",
+        "delete_netns",
+        "etc_hostname",
+        "etc_hosts",
+        "etc_resolv_conf",
+        "memory_bytes",
+        "parse_quantity",
+        "write_etc_files",
+    ]
+)

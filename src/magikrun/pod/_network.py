@@ -1,0 +1,492 @@
+"""Native pod networking through the CNI plugins Kubernetes runtimes use.
+
+Each pod gets a veth on a Linux bridge and an IP from ``host-local`` (``bridge`` plugin),
+``lo`` up (``loopback``) and its ``hostPort``s forwarded (``portmap``, with SNAT so that
+``127.0.0.1:HOSTPORT`` on the host reaches the pod). The plugins are driven as the CNI 1.0
+spec says: ``CNI_*`` variables, the network config on stdin, the result on stdout, and an
+error document ``{"code", "msg"}`` mapped to :class:`~magikrun.errors.PodNetworkError`.
+
+Per root: IP allocations live under the root's run dir (``run/cni/ipam``), so two roots
+never share them. The bridge name and subnet are per host, though: two roots on one host
+must each be given their own ``bridge`` and ``subnet`` (the defaults, ``magikrun0`` and
+``10.89.0.0/16``, stay clear of podman's ``10.88.0.0/16``).
+
+Every attachment is recorded in ``run/cni/pods/<pod_id>.json`` *before* the first plugin
+runs and removed only after a successful DEL, so :meth:`PodNetwork.delete` can always undo
+an ``add`` (even a half-done one, even after a crash, even when the namespace is gone) with
+the exact config the ``add`` used.
+
+Example::
+
+    net = PodNetwork(paths, bridge="mkbr1", subnet="10.90.0.0/24")
+    ns = net.netns_path(pod.id)
+    create_netns(ns)
+    status = await net.add(pod.id, ns, PortMapping.from_spec(pod))
+    ...
+    await net.delete(pod.id, ns)
+    delete_netns(ns)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import _process
+from ..errors import InvalidArgument, MagikrunError, MagikrunTimeout, PodNetworkError
+from ..platform import Paths
+from ..platform._limits import CNI_PLUGIN_TIMEOUT
+from ._netns import create_netns, delete_netns, is_netns
+from ._spec import PodSpec
+
+__all__ = [
+    "CNI_PLUGIN_DIR",
+    "DEFAULT_BRIDGE",
+    "DEFAULT_SUBNET",
+    "NetworkStatus",
+    "PodNetwork",
+    "PortMapping",
+    "create_netns",
+    "delete_netns",
+]
+
+DEFAULT_BRIDGE = "magikrun0"
+DEFAULT_SUBNET = "10.89.0.0/16"
+CNI_PLUGIN_DIR = Path("/usr/lib/cni")
+CNI_VERSION = "1.0.0"
+POD_INTERFACE = "eth0"
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+_UNCHECKABLE = frozenset({"loopback", "portmap"})
+"""loopback has nothing to check; portmap 1.1.1 (Debian 12) fails CHECK on every host where
+ip6tables works, looking for an IPv6 chain it never creates for an IPv4 pod."""
+_PLUGIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+"""The plugins find iptables and ip6tables on PATH."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortMapping:
+    """One ``hostPort`` forward: ``host_ip:host_port`` on the host to the pod's port."""
+
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+    host_ip: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: PodSpec) -> list[PortMapping]:
+        """The forwards the pod's containers ask for with ``hostPort``."""
+        return [
+            cls(
+                host_port=port.host_port,
+                container_port=port.container_port,
+                protocol=port.protocol.value.lower(),
+                host_ip=port.host_ip or "",
+            )
+            for container in spec.containers
+            for port in container.ports
+            if port.host_port is not None
+        ]
+
+    def to_cni(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "hostPort": self.host_port,
+            "containerPort": self.container_port,
+            "protocol": self.protocol,
+        }
+        if self.host_ip:
+            entry["hostIP"] = self.host_ip
+        return entry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkStatus:
+    """Where a pod is on the network."""
+
+    ip: str
+    prefix_length: int
+    gateway: str
+    interface: str
+    """The pod-side interface name (``eth0``)."""
+    mac: str = ""
+
+
+class PodNetwork:
+    """The CNI network of one magikrun root.
+
+    Parameters:
+        paths: the root; IP allocations and attachment records live under ``paths.run``.
+        bridge: the Linux bridge pods attach to (at most 15 characters).
+        subnet: the IPv4 subnet pods get addresses from; the bridge takes the first address.
+        plugin_dir: where the CNI plugin binaries are.
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        bridge: str = DEFAULT_BRIDGE,
+        subnet: str = DEFAULT_SUBNET,
+        plugin_dir: Path = CNI_PLUGIN_DIR,
+    ) -> None:
+        if _IFNAME.fullmatch(bridge) is None:
+            raise InvalidArgument(
+                f"bridge name {bridge!r} is not a valid interface name",
+                hint="use 1-15 characters from letters, digits, '_', '.' and '-'",
+                bridge=bridge,
+            )
+        try:
+            network = ipaddress.ip_network(subnet)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"subnet {subnet!r} is not an IP network",
+                hint="write it as ADDRESS/PREFIX with the host bits zero, e.g. 10.89.0.0/16",
+                subnet=subnet,
+            ) from exc
+        if not isinstance(network, ipaddress.IPv4Network) or network.prefixlen > 30:
+            raise InvalidArgument(
+                f"subnet {subnet!r} must be IPv4 with room for pods (prefix /30 or shorter)",
+                subnet=subnet,
+            )
+        self.paths = paths
+        self.bridge = bridge
+        self.subnet = str(network)
+        self.plugin_dir = plugin_dir
+        self.name = f"magikrun-{bridge}"
+        self._records = paths.run / "cni" / "pods"
+        self._ipam = paths.run / "cni" / "ipam"
+        self._netns_dir = paths.run / "netns"
+
+    def netns_path(self, pod_id: str) -> Path:
+        """Where the pod's network namespace is bound (make it with :func:`create_netns`)."""
+        _check_id(pod_id)
+        self._netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self._netns_dir / pod_id
+
+    def _config(self, port_mappings: Sequence[PortMapping]) -> list[dict[str, Any]]:
+        """The plugin chain, each plugin's config complete (name and version included)."""
+        common = {"cniVersion": CNI_VERSION, "name": self.name}
+        chain: list[dict[str, Any]] = [
+            {**common, "type": "loopback"},
+            {
+                **common,
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": True,
+                "ipMasq": True,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(self._ipam),
+                    "ranges": [[{"subnet": self.subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
+        ]
+        if port_mappings:
+            chain.append(
+                {
+                    **common,
+                    "type": "portmap",
+                    "capabilities": {"portMappings": True},
+                    "snat": True,
+                    "runtimeConfig": {"portMappings": [m.to_cni() for m in port_mappings]},
+                }
+            )
+        return chain
+
+    async def add(
+        self, pod_id: str, netns_path: Path, port_mappings: Iterable[PortMapping] = ()
+    ) -> NetworkStatus:
+        """Attach the pod's namespace: ``lo`` up, an IP on the bridge, its host ports.
+
+        Either all of it is done or, on any failure (cancellation included), what was done is
+        undone before the error propagates.
+        """
+        _check_id(pod_id)
+        if not is_netns(netns_path):
+            raise PodNetworkError(
+                f"{netns_path} is not a network namespace",
+                hint="create it first with create_netns()",
+                pod_id=pod_id,
+            )
+        chain = self._config(list(port_mappings))
+        record = self._record_path(pod_id)
+        if record.exists():
+            raise PodNetworkError(
+                f"pod {pod_id} is already attached to the network",
+                hint="delete its attachment first",
+                pod_id=pod_id,
+            )
+        self._write_record(pod_id, {"netns": str(netns_path), "chain": chain, "result": None})
+        try:
+            result: dict[str, Any] | None = None
+            for plugin in chain:
+                conf = dict(plugin)
+                if result is not None:
+                    conf["prevResult"] = result
+                result = await self._call("ADD", plugin["type"], pod_id, str(netns_path), conf)
+                if plugin["type"] == "bridge":
+                    self._write_record(
+                        pod_id, {"netns": str(netns_path), "chain": chain, "result": result}
+                    )
+            assert result is not None
+            return _status(pod_id, result)
+        except BaseException as exc:
+            try:
+                await self.delete(pod_id, netns_path)
+            except MagikrunError as cleanup:
+                exc.add_note(f"undoing the network attachment failed too: {cleanup}")
+            raise
+
+    async def check(self, pod_id: str, netns_path: Path) -> NetworkStatus:
+        """Ask the plugins whether the attachment is still as ADD made it (CNI CHECK).
+
+        Checks the bridge, veth, address and IP allocation; not the port forwards (see
+        ``_UNCHECKABLE``). Raises ``PodNetworkError`` naming what the plugin found wrong.
+        """
+        _check_id(pod_id)
+        record = self._read_record(pod_id)
+        if record is None or record.get("result") is None:
+            raise PodNetworkError(f"pod {pod_id} is not attached to the network", pod_id=pod_id)
+        result: dict[str, Any] = record["result"]
+        for plugin in record["chain"]:
+            if plugin["type"] in _UNCHECKABLE:
+                continue
+            await self._call(
+                "CHECK", plugin["type"], pod_id, str(netns_path), {**plugin, "prevResult": result}
+            )
+        return _status(pod_id, result)
+
+    async def delete(self, pod_id: str, netns_path: Path) -> None:
+        """Detach the pod: free its IP, remove its veth and iptables rules. Idempotent.
+
+        Works when the namespace is already gone: then a scratch namespace holding the
+        pod's old address stands in, so the bridge plugin finds and removes its masquerade
+        rules (it learns the addresses from the pod's interface, not from prevResult).
+        """
+        _check_id(pod_id)
+        record = self._read_record(pod_id)
+        if record is None:
+            return
+        result: dict[str, Any] | None = record.get("result")
+        chain: list[dict[str, Any]] = record["chain"]
+        addresses = [str(ip["address"]) for ip in (result or {}).get("ips", [])]
+        netns = str(netns_path) if is_netns(netns_path) else ""
+        scratch: Path | None = None
+        if not netns and addresses and await self._has_masquerade(pod_id):
+            scratch = self._netns_dir / f".del-{pod_id}"
+            self._netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            delete_netns(scratch)
+            create_netns(scratch)
+        try:
+            if scratch is not None:
+                await self._fake_interface(scratch, addresses)
+            for plugin in reversed(chain):
+                if plugin["type"] == "loopback" and netns != str(netns_path):
+                    continue
+                conf = dict(plugin)
+                if result is not None:
+                    conf["prevResult"] = result
+                await self._call("DEL", plugin["type"], pod_id, str(scratch or netns), conf)
+        finally:
+            if scratch is not None:
+                delete_netns(scratch)
+        self._record_path(pod_id).unlink(missing_ok=True)
+
+    async def _call(
+        self, command: str, plugin: str, pod_id: str, netns: str, conf: dict[str, Any]
+    ) -> dict[str, Any]:
+        env = {
+            "PATH": _PLUGIN_PATH,
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": pod_id,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": POD_INTERFACE,
+            "CNI_PATH": str(self.plugin_dir),
+        }
+        binary = self.plugin_dir / plugin
+        try:
+            done = await _process.run(
+                [str(binary)],
+                input=json.dumps(conf).encode(),
+                env=env,
+                timeout=CNI_PLUGIN_TIMEOUT,
+            )
+        except FileNotFoundError as exc:
+            raise PodNetworkError(
+                f"CNI plugin {binary} is not installed",
+                hint="install Debian's containernetworking-plugins",
+                pod_id=pod_id,
+                plugin=plugin,
+            ) from exc
+        except MagikrunTimeout as exc:
+            raise PodNetworkError(
+                f"CNI {plugin} {command} for pod {pod_id} did not finish in {CNI_PLUGIN_TIMEOUT} s",
+                pod_id=pod_id,
+                plugin=plugin,
+            ) from exc
+        if done.returncode != 0:
+            raise _plugin_error(command, plugin, pod_id, done.stdout, done.stderr)
+        if command != "ADD":
+            return {}
+        try:
+            parsed = json.loads(done.stdout)
+        except ValueError as exc:
+            raise PodNetworkError(
+                f"CNI {plugin} ADD for pod {pod_id} printed no JSON result",
+                pod_id=pod_id,
+                plugin=plugin,
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise PodNetworkError(
+                f"CNI {plugin} ADD for pod {pod_id} printed a malformed result",
+                pod_id=pod_id,
+                plugin=plugin,
+            )
+        return parsed
+
+    async def _has_masquerade(self, pod_id: str) -> bool:
+        """Whether the bridge plugin's masquerade rules for the pod are still there.
+
+        The plugin's DEL fails when it is told of addresses whose rules are gone, so the
+        scratch namespace is made only while they exist (a DEL cut short may have removed
+        them already).
+        """
+        done = await _process.run(["iptables-save", "-t", "nat"], timeout=CNI_PLUGIN_TIMEOUT)
+        if done.returncode != 0:
+            raise PodNetworkError(
+                f"iptables-save failed: {done.stderr.decode(errors='replace').strip()}",
+                pod_id=pod_id,
+            )
+        comment = f'name: \\"{self.name}\\" id: \\"{pod_id}\\"'
+        return comment in done.stdout.decode(errors="replace")
+
+    async def remove_bridge(self) -> None:
+        """Delete the bridge once no pod of this root is attached (the plugins never do)."""
+        if self._records.is_dir() and any(self._records.glob("*.json")):
+            raise PodNetworkError(
+                f"pods of this root are still attached to {self.bridge}",
+                hint="delete the pods first",
+                bridge=self.bridge,
+            )
+        done = await _process.run(
+            ["ip", "link", "del", "dev", self.bridge, "type", "bridge"], timeout=CNI_PLUGIN_TIMEOUT
+        )
+        if done.returncode != 0 and b"Cannot find device" not in done.stderr:
+            raise PodNetworkError(
+                f"cannot delete bridge {self.bridge}: {done.stderr.decode(errors='replace')}",
+                bridge=self.bridge,
+            )
+
+    async def _fake_interface(self, netns: Path, addresses: list[str]) -> None:
+        """Give the scratch namespace an interface named as the pod's, with its addresses."""
+        script = f"link add {POD_INTERFACE} type veth peer name {POD_INTERFACE}p\n" + "".join(
+            f"addr add {ipaddress.ip_interface(a).with_prefixlen} dev {POD_INTERFACE}\n"
+            for a in addresses
+        )
+        done = await _process.run(
+            ["nsenter", f"--net={netns}", "ip", "-batch", "-"],
+            input=script.encode(),
+            timeout=CNI_PLUGIN_TIMEOUT,
+        )
+        if done.returncode != 0:
+            raise PodNetworkError(
+                f"cannot prepare {netns} to remove the pod's masquerade rules:"
+                f" {done.stderr.decode(errors='replace').strip()}",
+            )
+
+    def _record_path(self, pod_id: str) -> Path:
+        return self._records / f"{pod_id}.json"
+
+    def _write_record(self, pod_id: str, record: dict[str, Any]) -> None:
+        self._records.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._record_path(pod_id)
+        temp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w") as file:
+            json.dump(record, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+
+    def _read_record(self, pod_id: str) -> dict[str, Any] | None:
+        path = self._record_path(pod_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        with open(fd) as file:
+            try:
+                record = json.load(file)
+            except ValueError as exc:
+                raise PodNetworkError(
+                    f"the network record of pod {pod_id} is corrupt: {path}",
+                    hint="remove the file after checking 'ip link' and 'iptables-save'",
+                    pod_id=pod_id,
+                ) from exc
+        if not isinstance(record, dict):
+            raise PodNetworkError(f"the network record of pod {pod_id} is corrupt: {path}")
+        return record
+
+
+def _check_id(pod_id: str) -> None:
+    if _ID.fullmatch(pod_id) is None:
+        raise InvalidArgument(
+            f"pod id {pod_id!r} is not a valid CNI container id",
+            hint="use pod_id(namespace, name)",
+            pod_id=pod_id,
+        )
+
+
+def _status(pod_id: str, result: dict[str, Any]) -> NetworkStatus:
+    interfaces = result.get("interfaces", [])
+    for entry in result.get("ips", []):
+        index = entry.get("interface")
+        iface = interfaces[index] if isinstance(index, int) and index < len(interfaces) else {}
+        if not iface.get("sandbox"):
+            continue
+        address = ipaddress.ip_interface(entry["address"])
+        if address.version != 4:
+            continue
+        return NetworkStatus(
+            ip=str(address.ip),
+            prefix_length=address.network.prefixlen,
+            gateway=entry.get("gateway", ""),
+            interface=iface.get("name", POD_INTERFACE),
+            mac=iface.get("mac", ""),
+        )
+    raise PodNetworkError(
+        f"the CNI result for pod {pod_id} holds no IPv4 address for the pod",
+        pod_id=pod_id,
+    )
+
+
+def _plugin_error(
+    command: str, plugin: str, pod_id: str, stdout: bytes, stderr: bytes
+) -> PodNetworkError:
+    """Map a CNI error document (``code``, ``msg``, ``details``) to our error."""
+    code: object = None
+    message = stderr.decode(errors="replace").strip()
+    with contextlib.suppress(ValueError):
+        document = json.loads(stdout)
+        if isinstance(document, dict):
+            code = document.get("code")
+            message = " ".join(
+                str(part) for part in (document.get("msg"), document.get("details")) if part
+            )
+    return PodNetworkError(
+        f"CNI {plugin} {command} for pod {pod_id} failed: {message or 'no message'}"
+        + (f" (CNI error code {code})" if code is not None else ""),
+        pod_id=pod_id,
+        plugin=plugin,
+        code=code,
+    )
