@@ -570,11 +570,40 @@ def test_snapshot_whiteout_of_same_layer_entry_is_ignored(site: Site) -> None:
     assert (site.base / "root" / "f").read_bytes() == b"mine"
 
 
-def test_snapshot_whiteout_needs_root(site: Site) -> None:
-    if ROOT:
-        pytest.skip("checks the unprivileged path; root can create whiteouts")
-    with pytest.raises(NotSupported, match="needs root"):
-        site.apply(tar(reg(".wh.f", b"")), mode="snapshot")
+@requires_root
+def test_snapshot_opaque_needs_root(short_tmp: Path) -> None:
+    """Opaque directories are trusted.* xattrs: an unprivileged extraction says so instead
+    of writing a snapshot overlayfs would misread. (Whiteout devices, 0/0, need no
+    privilege since Linux 5.8.) Runs in a forked child that dropped to nobody: the venv's
+    interpreter is not readable by other users."""
+    short_tmp.chmod(0o711)
+    target = short_tmp / "target"
+    target.mkdir()
+    os.chown(target, 65534, 65534)
+    layer = tar(reg("d/.wh..wh..opq", b""))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        message = b"no error"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+            apply_layer(
+                io.BytesIO(layer), OCI_LAYER_TAR, fd, mode="snapshot", budget=ExtractBudget()
+            )
+        except NotSupported as exc:
+            message = f"{exc} | {exc.hint}".encode()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            message = repr(exc).encode()
+        finally:
+            os.write(write_end, message)
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert "needs root in snapshot mode" in message and "flatten mode" in message, message
 
 
 # -- unpack_layer: the snapshot store's applier --------------------------------------------

@@ -566,8 +566,8 @@ class _Tree:
 
 def _needs_root(entry: str) -> NotSupported:
     return NotSupported(
-        f"whiteout {entry!r} needs root in snapshot mode (overlay whiteouts are devices "
-        "and trusted.* xattrs)",
+        f"whiteout {entry!r} needs root in snapshot mode (overlay marks opaque directories "
+        "with trusted.* xattrs; kernels before 5.8 also reserve whiteout devices to root)",
         hint="extract as root, or apply the layers in flatten mode",
         entry=entry,
     )
