@@ -287,7 +287,8 @@ class WasmEngine:
         except wasmtime.Trap as exc:
             return self._trapped(exc, store, instance)
         except wasmtime.WasmtimeError as exc:
-            return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, _first_line(str(exc)))
+            # e.g. proc_exit with a status WASI does not allow (126 and above)
+            return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, f"wasm error: {_trap_text(str(exc))}")
         return WasmResult(0, WasmStop.EXITED)
 
     def _trapped(
@@ -423,9 +424,9 @@ def _first_line(text: str) -> str:
 
 
 def _trap_text(message: str) -> str:
-    """The trap's reason without wasmtime's backtrace (e.g. "wasm `unreachable` ...")."""
-    for line in reversed(message.strip().splitlines()):
-        stripped = line.strip()
-        if stripped.startswith("wasm trap:"):
-            return stripped.removeprefix("wasm trap:").strip()
-    return _first_line(message)
+    """The reason from a wasmtime error, without its backtrace (e.g. "wasm `unreachable` ...")."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if "Caused by:" in lines[:-1]:
+        reason = lines[lines.index("Caused by:") + 1]
+        return reason.removeprefix("wasm trap:").strip()
+    return lines[0] if lines else "unknown error"

@@ -282,10 +282,18 @@ class WasmtimeRuntime:
     async def _undo_create(
         self, id: str, report: _process.MonitorReport | None, exc: BaseException
     ) -> None:
-        """Stop the worker and monitor a failed create started and remove its record."""
+        """Stop the worker and monitor a failed create started and remove its record.
+
+        A monitor whose worker failed has no exit to record, so it is killed at once.
+        """
         try:
             if report is not None and report.monitor_pid:
-                await _kill_and_wait(report.pid, report.monitor_pid)
+                if report.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(report.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(report.monitor_pid, signal.SIGKILL)
+                await _process.wait_exit(report.monitor_pid)
             self.store.remove(id)
         except (OSError, MagikrunError) as cleanup:
             exc.add_note(f"cleanup of container {id!r} failed: {cleanup}")
