@@ -52,6 +52,25 @@ def info(ctx: Context) -> None:
         _print_plain(_sections(report))
 
 
+@system.command()
+@click.pass_obj
+def gc(ctx: Context) -> None:
+    """Free blobs, unpacked layers and stale downloads that no image references."""
+    import asyncio
+    from dataclasses import asdict
+
+    from ..image import ImageService
+
+    result = asyncio.run(ImageService(ctx.paths.ensure()).gc())
+    if ctx.json:
+        ctx.emit(asdict(result))
+    else:
+        click.echo(
+            f"freed {len(result.blobs)} blobs, {len(result.snapshots)} layers, "
+            f"{len(result.ingests)} stale downloads ({result.bytes_freed} bytes)"
+        )
+
+
 def system_report(paths: Paths) -> dict[str, Any]:
     """Everything ``system info`` shows, JSON-friendly."""
     import importlib.metadata  # costs 0.2 s of imports, so only where it is used
