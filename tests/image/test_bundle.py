@@ -748,3 +748,19 @@ def test_module_from_an_image_into_a_bundle(builder: BundleBuilder, short_tmp: P
         bundle = builder.build_wasm_bundle(image, ContainerConfig(name=_name()), module)
     assert bundle.spec["process"]["args"] == ["/module.wasm", "serve"]
     assert bundle.module is not None and bundle.module.read_bytes() == WASM_MODULE
+
+
+def test_module_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    blobs = _Blobs()
+    monkeypatch.setattr(_bundle, "MAX_FILES_PER_LAYER", 2)
+    many = blobs.add(
+        _tar([("a", b""), ("b", b""), ("c", b""), ("x.wasm", WASM_MODULE)]), OCI_LAYER_TAR
+    )
+    with pytest.raises(ImageTooLarge, match="has over 2 entries"):
+        with open_wasm_module(_image(ImageConfig(entrypoint=("x.wasm",)), (many,)), blobs.open):
+            pytest.fail("a module was found")
+    monkeypatch.setattr(_bundle, "MAX_WASM_MODULE_SIZE", 8)
+    layer = blobs.add(WASM_MODULE, WASM_LAYER)
+    with pytest.raises(ImageTooLarge, match=f"module layer {layer.digest} is"):
+        with open_wasm_module(_image(ImageConfig(), (layer,), kind="wasm"), blobs.open):
+            pytest.fail("a module was found")

@@ -335,7 +335,6 @@ class BundleBuilder:
                 spec = self._spec(image_config, config, root_fd, "rootfs", wasm=True)
             spec["annotations"]["io.magikrun.wasm.module.digest"] = digest
             _write_config(staging, spec)
-            staging.chmod(0o700)
             os.rename(staging, bundle_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1221,6 +1220,8 @@ def _hides(entry: PurePosixPath, target: PurePosixPath) -> bool:
 
 @contextlib.contextmanager
 def _open_layer(blob: BinaryIO, media_type: str) -> Iterator[tarfile.TarFile]:
+    """The layer as a streamed tar; corrupt data met while it is read (by us or by the
+    reader of the module) is a BundleBuildFailed, the reader's own errors are not."""
     if media_type in ZSTD_LAYERS:
         stream: BinaryIO = zstandard.ZstdDecompressor().stream_reader(blob)
         mode = "r|"
@@ -1229,7 +1230,7 @@ def _open_layer(blob: BinaryIO, media_type: str) -> Iterator[tarfile.TarFile]:
     try:
         with tarfile.open(fileobj=stream, mode=mode) as tar:  # type: ignore[call-overload]
             yield tar
-    except (tarfile.TarError, OSError, zstandard.ZstdError) as exc:
+    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         raise BundleBuildFailed(
             f"cannot read a layer of the image: {exc}",
             hint="the image is corrupt; pull it again",
