@@ -1,0 +1,145 @@
+"""Wasm hello-world, create to exit, with a warm compiled-module cache.
+
+Prints medians over RUNS runs (default 30) of:
+
+* magikrun's Python API: create (monitor + worker start, module from the cache),
+  start to exit, and create to exit, through ``WasmtimeRuntime``;
+* the peer measured in the same run: a fresh ``python -I`` that imports wasmtime,
+  deserializes the same compiled module and runs it (the least a separate wasmtime-py
+  process can cost), and the parts a worker pays before it runs anything.
+
+Usage: ``.venv/bin/python bench/wasm_hello.py [RUNS]``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import wasmtime
+
+from magikrun.platform import Paths
+from magikrun.runtime._wasm_engine import WasiSpec, WasmEngine
+from magikrun.runtime._wasmtime import WasmtimeRuntime
+
+HELLO_WAT = Path(__file__).resolve().parent.parent / "tests" / "runtime" / "wasm" / "hello.wat"
+
+BARE = """
+import sys, wasmtime
+config = wasmtime.Config()
+config.consume_fuel = True
+config.epoch_interruption = True
+config.parallel_compilation = False
+engine = wasmtime.Engine(config)
+module = wasmtime.Module.deserialize_file(engine, sys.argv[1])
+store = wasmtime.Store(engine)
+store.set_fuel(10**9)
+store.set_epoch_deadline(1)
+wasi = wasmtime.WasiConfig()
+wasi.inherit_stdout()
+store.set_wasi(wasi)
+linker = wasmtime.Linker(engine)
+linker.define_wasi()
+linker.instantiate(store, module).exports(store)["_start"](store)
+"""
+
+
+def ms(samples: list[float]) -> str:
+    return f"{statistics.median(samples) * 1000:8.2f} ms"
+
+
+def timed(fn: Callable[[], object], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def python(*args: str) -> Callable[[], object]:
+    argv = [sys.executable, "-I", *args]
+    return lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+async def magikrun_runs(root: Path, bundle: Path, runs: int) -> dict[str, list[float]]:
+    runtime = WasmtimeRuntime(Paths.resolve(root).ensure())
+    await runtime.create("warmup", bundle)  # fills the module cache
+    await runtime.delete("warmup", force=True)
+    phases: dict[str, list[float]] = {"create": [], "start to exit": [], "create to exit": []}
+    for i in range(runs):
+        id = f"hello-{i}"
+        t0 = time.perf_counter()
+        await runtime.create(id, bundle)
+        t1 = time.perf_counter()
+        await runtime.start(id)
+        code = await runtime.wait(id)
+        t2 = time.perf_counter()
+        assert code == 0, code
+        await runtime.delete(id)
+        phases["create"].append(t1 - t0)
+        phases["start to exit"].append(t2 - t1)
+        phases["create to exit"].append(t2 - t0)
+    return phases
+
+
+def main() -> None:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    with tempfile.TemporaryDirectory(prefix="mk-bench-") as tmp:
+        base = Path(tmp)
+        bundle = base / "bundle"
+        (bundle / "rootfs").mkdir(parents=True)
+        wasm = bytes(wasmtime.wat2wasm(HELLO_WAT.read_text()))
+        (bundle / "rootfs" / "hello.wasm").write_bytes(wasm)
+        (bundle / "config.json").write_text(
+            '{"ociVersion": "1.0.2", "root": {"path": "rootfs"},'
+            ' "process": {"args": ["/hello.wasm"], "cwd": "/", "env": []}}'
+        )
+        phases = asyncio.run(magikrun_runs(base / "root", bundle, runs))
+
+        engine = WasmEngine(cache_dir=base / "root" / "cache" / "wasm")
+        compiled = engine.load_bytes(wasm, name="hello.wasm")
+        cached = engine.cache_file(compiled.digest)
+        assert compiled.cache_hit and cached is not None
+        devnull = str(Path("/dev/null"))
+        in_process = timed(
+            lambda: engine.run(
+                engine.prepare(
+                    engine.load_bytes(wasm, name="hello.wasm"),
+                    WasiSpec(argv=("hello.wasm",), stdout=devnull),
+                )
+            ),
+            runs,
+        )
+        bare = timed(python("-c", BARE, str(cached)), runs)
+        interpreter = timed(python("-c", "pass"), runs)
+        import_wasmtime = timed(python("-c", "import wasmtime"), runs)
+        import_worker = timed(
+            python("-c", "import magikrun.runtime._wasm_worker, magikrun.runtime._wasm_engine"),
+            runs,
+        )
+
+    total = statistics.median(phases["create to exit"])
+    print(f"wasm hello-world, warm module cache, medians of {runs} runs")
+    print("magikrun (Python API, WasmtimeRuntime):")
+    for name, samples in phases.items():
+        print(f"  {name:<40}{ms(samples)}")
+    print("peer: fresh python -I + wasmtime-py running the cached module:")
+    print(f"  {'create to exit':<40}{ms(bare)}")
+    print(f"  ratio magikrun / peer: {total / statistics.median(bare):.2f}x")
+    print("what a worker pays before it runs anything:")
+    print(f"  {'python -I -c pass':<40}{ms(interpreter)}")
+    print(f"  {'python -I -c import wasmtime':<40}{ms(import_wasmtime)}")
+    print(f"  {'python -I -c import worker + engine':<40}{ms(import_worker)}")
+    print(f"  {'in-process cache load+link+run':<40}{ms(in_process)}")
+    print(f"target: create to exit under 20 ms -> {'met' if total < 0.020 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
