@@ -15,6 +15,7 @@ __all__ = [
     "EXEC_TIMEOUT",
     "IMAGE_PULL_TIMEOUT",
     "KVM_PROBE_TIMEOUT",
+    "KVM_RAW_PROBE_BUDGET",
     "MAX_CONFIG_SIZE",
     "MAX_CONTAINERS",
     "MAX_CONTAINER_ID_LEN",
@@ -114,6 +115,8 @@ MAX_USER_DB_SIZE = 4 * MiB
 """Bytes of an image's /etc/passwd or /etc/group read to resolve a user name."""
 KVM_PROBE_TIMEOUT = 10.0
 """Seconds a probe boot of the guest kernel under KVM may take to print its banner."""
+KVM_RAW_PROBE_BUDGET = 1.0
+"""Seconds of guest time the raw KVM probe gets (hardware KVM needs about a millisecond)."""
 TOOL_VERSION_TIMEOUT = 5.0
 """Seconds a backend program (crun, qemu, ...) may take to answer ``--version``."""
 CNI_PLUGIN_TIMEOUT = 30.0
