@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from magikrun.errors import InvalidArgument, InvalidBundle, LimitExceeded
+from magikrun.errors import DigestMismatch, InvalidArgument, InvalidBundle, LimitExceeded
 from magikrun.runtime._wasm_engine import (
     EXIT_MEMORY_LIMIT,
     EXIT_OUT_OF_FUEL,
@@ -205,3 +205,19 @@ def test_initial_memory_over_limit_is_refused_at_load() -> None:
 def test_limits_are_validated(limits: dict[str, int]) -> None:
     with pytest.raises(InvalidArgument):
         WasmLimits(**limits)
+
+
+def test_component_is_refused_with_a_clear_reason() -> None:
+    component = b"\0asm\x0d\x00\x01\x00" + b"\0" * 8
+    with pytest.raises(InvalidBundle, match="WASI preview 2") as info:
+        WasmEngine(cache_dir=None).load_bytes(component, name="component.wasm")
+    assert "wasm32-wasip1" in info.value.hint
+
+
+def test_expected_digest_is_checked_before_compiling(short_tmp: Path) -> None:
+    engine = WasmEngine(cache_dir=short_tmp / "cache")
+    with pytest.raises(DigestMismatch, match="not sha256:0000"):
+        engine.load_bytes(wasm("hello"), name="hello", expected_digest="sha256:" + "0" * 64)
+    assert (engine.compiles, (short_tmp / "cache").exists()) == (0, False)
+    good = engine.load_bytes(wasm("hello"), name="hello")
+    assert engine.load_bytes(wasm("hello"), name="hello", expected_digest=good.digest).cache_hit

@@ -352,3 +352,26 @@ async def test_state_survives_a_new_runtime_object(paths: Paths, make_bundle: Ma
     await second.start("durable")
     assert await asyncio.wait_for(second.wait("durable"), 60) == 0
     await second.delete("durable")
+
+
+async def test_bundle_built_from_a_module_runs_and_is_digest_checked(
+    paths: Paths, runtime: WasmtimeRuntime, short_tmp: Path
+) -> None:
+    from magikrun.image._bundle import BundleBuilder, ContainerConfig
+
+    module = short_tmp / "echo.wasm"
+    module.write_bytes(wasm("echo"))
+    bundle = BundleBuilder(paths).build_wasm_bundle(
+        None, ContainerConfig(name="built", args=["arg"], env={"KEY": "value"}), module
+    )
+    assert await run_to_exit(runtime, "built", bundle.path) == 0
+    texts = [text for _s, text in log_lines(runtime, "built")]
+    assert texts[:2] == ["/module.wasm", "arg"]
+    assert "KEY=value" in texts
+    await runtime.delete("built")
+
+    # The bundle records the module's digest: a module swapped afterwards is refused.
+    (bundle.rootfs / "module.wasm").write_bytes(wasm("hello"))
+    with pytest.raises(CreateFailed, match="hashes to sha256:"):
+        await runtime.create("swapped", bundle.path)
+    assert_nothing_left(runtime, "swapped")

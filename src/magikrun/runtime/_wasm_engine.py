@@ -42,7 +42,7 @@ from pathlib import Path
 
 import wasmtime
 
-from ..errors import BackendFailed, InvalidArgument, InvalidBundle, LimitExceeded
+from ..errors import BackendFailed, DigestMismatch, InvalidArgument, InvalidBundle, LimitExceeded
 from ..platform._limits import DEFAULT_WASM_FUEL, MAX_WASM_MEMORY_PAGES, MAX_WASM_MODULE_SIZE
 
 __all__ = [
@@ -65,6 +65,7 @@ EXIT_TRAP = 128 + signal.SIGABRT
 EXIT_OUT_OF_FUEL = 128 + signal.SIGXCPU
 EXIT_MEMORY_LIMIT = 128 + signal.SIGKILL
 _WASI_MODULE = "wasi_snapshot_preview1"
+_COMPONENT_PREAMBLE = b"\0asm\x0d\x00\x01\x00"
 _CACHE_SUFFIX = ".cwasm"
 
 
@@ -211,7 +212,7 @@ class WasmEngine:
         self._interrupt.signal = signum
         self._engine.increment_epoch()
 
-    def load_fd(self, fd: int, *, name: str) -> CompiledModule:
+    def load_fd(self, fd: int, *, name: str, expected_digest: str | None = None) -> CompiledModule:
         """Read a module from an open file, refusing one over the size limit before reading it."""
         size = os.fstat(fd).st_size
         self._check_size(size, name)
@@ -221,18 +222,37 @@ class WasmEngine:
             chunks.append(chunk)
             total += len(chunk)
             self._check_size(total, name)
-        return self.load_bytes(b"".join(chunks), name=name)
+        return self.load_bytes(b"".join(chunks), name=name, expected_digest=expected_digest)
 
-    def load_bytes(self, wasm: bytes, *, name: str) -> CompiledModule:
-        """Validate and compile a module, or take it from the cache; check it can run here."""
+    def load_bytes(
+        self, wasm: bytes, *, name: str, expected_digest: str | None = None
+    ) -> CompiledModule:
+        """Validate and compile a module, or take it from the cache; check it can run here.
+
+        With ``expected_digest`` (``sha256:…``, as a bundle records it) the module
+        must hash to it, so a module swapped after the bundle was built is refused.
+        """
         self._check_size(len(wasm), name)
+        if wasm.startswith(_COMPONENT_PREAMBLE):
+            raise InvalidBundle(
+                f"{name} is a WebAssembly component (WASI preview 2)",
+                hint="magikrun's wasm runtime runs WASI preview-1 modules; build for wasm32-wasip1",
+                path=name,
+            )
         if not wasm.startswith(b"\0asm"):
             raise InvalidBundle(
                 f"{name} is not a WebAssembly binary module",
-                hint="the module must be a .wasm binary (magic \\0asm), not text or a component",
+                hint="the module must be a .wasm binary (magic \\0asm), not text",
                 path=name,
             )
         digest = hashlib.sha256(wasm).hexdigest()
+        if expected_digest is not None and expected_digest != f"sha256:{digest}":
+            raise DigestMismatch(
+                f"wasm module {name} hashes to sha256:{digest}, not {expected_digest}",
+                hint="the module changed after the bundle was built; build the bundle again",
+                path=name,
+                digest=expected_digest,
+            )
         cached = self._cache_path(digest)
         module = self._from_cache(cached) if cached is not None else None
         hit = module is not None

@@ -69,6 +69,8 @@ class WorkerSpec:
     module_size: int
     cache_dir: str
     exec_fifo: str
+    digest: str | None = None
+    """The ``sha256:`` digest the bundle recorded for the module, checked before compiling."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         )
         module_fd = open_in_root(spec.rootfs, spec.module, max_size=spec.module_size)
         try:
-            compiled = engine.load_fd(module_fd, name=spec.module)
+            compiled = engine.load_fd(module_fd, name=spec.module, expected_digest=spec.digest)
         finally:
             os.close(module_fd)
         prepared = engine.prepare(

@@ -10,9 +10,10 @@ so file bind mounts are not visible to the module.
 Each container is a worker process (:mod:`._wasm_worker`) owned by the same
 per-container monitor native containers have, which writes its CRI log and exit
 code. The worker compiles the module at create, so a bad module fails there, and
-runs it at start. Limits come from the runtime's :class:`WasmLimits`, overridable
-per bundle with the annotations ``io.magikrun.wasm.fuel`` and
-``io.magikrun.wasm.memory-pages``.
+runs it at start. Limits come from the runtime's arguments, overridable per
+bundle with the annotations ``io.magikrun.wasm.fuel`` and
+``io.magikrun.wasm.memory-pages``; a bundle's ``io.magikrun.wasm.module.digest``
+(BundleBuilder writes it) must match the module, or create fails.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ from ._store import ContainerStore, process_start_time, validate_container_id
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 from ._wasm_worker import WorkerSpec, open_in_root
 
-__all__ = ["FUEL_ANNOTATION", "MEMORY_PAGES_ANNOTATION", "WasmtimeRuntime"]
+__all__ = ["DIGEST_ANNOTATION", "FUEL_ANNOTATION", "MEMORY_PAGES_ANNOTATION", "WasmtimeRuntime"]
 
 FUEL_ANNOTATION = "io.magikrun.wasm.fuel"
+DIGEST_ANNOTATION = "io.magikrun.wasm.module.digest"
+"""Set by BundleBuilder: the module's digest, which the worker checks before compiling."""
 MEMORY_PAGES_ANNOTATION = "io.magikrun.wasm.memory-pages"
 _WORKER = "magikrun.runtime._wasm_worker"
 _SPEC_FILE = "wasm-worker.json"
@@ -206,6 +209,7 @@ class WasmtimeRuntime:
             module_size=self.module_size,
             cache_dir=str(self.cache_dir),
             exec_fifo=str(directory / _EXEC_FIFO),
+            digest=annotations.get(DIGEST_ANNOTATION),
         )
 
     async def create(
