@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -179,3 +180,61 @@ def test_seccomp_profile_is_enforced(runtime: str, busybox_bundle: Path, paths: 
     bundle.config_path.write_text(json.dumps(without))
     result = _run(runtime, state_root, bundle.path, name)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.usefixtures("hybrid_cgroups_fixed")
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_joining_another_containers_namespaces(
+    runtime: str, busybox_bundle: Path, paths: Paths, short_tmp: Path
+) -> None:
+    """The pod shape: a second container joins the first one's network, IPC and UTS
+    namespaces by path and sees the same ones."""
+    for applet in ("readlink", "hostname", "sleep"):
+        (busybox_bundle / "rootfs/bin" / applet).symlink_to("busybox")
+    builder = BundleBuilder(paths)
+    state_root = paths.oci_root / runtime
+    holder = f"bt-{uuid.uuid4().hex[:12]}"
+    builder.build_oci_bundle(
+        None,
+        ContainerConfig(name=holder, command=["/bin/sleep", "60"], hostname="pod-a"),
+        busybox_bundle / "rootfs",
+        busybox_bundle,
+    )
+    try:
+        # Detached, the container keeps its stdio: give it a file, not our pipes.
+        with open(short_tmp / "holder.log", "wb") as log:
+            subprocess.run(
+                [runtime, "--root", str(state_root), "run", "--detach", "--bundle",
+                 str(busybox_bundle), holder],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=60, check=True,
+            )  # fmt: skip
+        state = subprocess.run(
+            [runtime, "--root", str(state_root), "state", holder],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        pid = json.loads(state.stdout)["pid"]
+        member = f"bt-{uuid.uuid4().hex[:12]}"
+        namespaces = {"network": "net", "ipc": "ipc", "uts": "uts"}
+        bundle = builder.build_oci_bundle(
+            None,
+            ContainerConfig(
+                name=member,
+                command=[
+                    "/bin/sh",
+                    "-c",
+                    "for n in net ipc; do readlink /proc/self/ns/$n; done; hostname",
+                ],
+                namespaces={kind: f"/proc/{pid}/ns/{ns}" for kind, ns in namespaces.items()},
+            ),
+            busybox_bundle / "rootfs",
+            short_tmp / "member",
+        )
+        result = _run(runtime, state_root, bundle.path, member)
+        assert result.returncode == 0, result.stderr
+        expected = [os.readlink(f"/proc/{pid}/ns/{ns}") for ns in ("net", "ipc")]
+        assert result.stdout.splitlines() == [*expected, "pod-a"]
+    finally:
+        subprocess.run(
+            [runtime, "--root", str(state_root), "delete", "--force", holder],
+            capture_output=True, check=False,
+        )  # fmt: skip
