@@ -17,6 +17,8 @@ __all__ = ["cpu_millicores", "memory_bytes", "parse_quantity"]
 
 _QUANTITY = re.compile(r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))([A-Za-z]*|[eE][+-]?[0-9]+)")
 
+_EXPONENT = re.compile(r"[eE][+-]?[0-9]+")
+
 _SUFFIXES: dict[str, Decimal] = {
     "": Decimal(1),
     "n": Decimal("1e-9"),
@@ -78,7 +80,7 @@ def _parse_text(text: str, field: str) -> Decimal:
         number = Decimal(digits)
     except InvalidOperation as exc:
         raise InvalidPodSpec(f"{field}: {text!r} is not a valid quantity", field=field) from exc
-    if suffix[:1] in ("e", "E"):
+    if _EXPONENT.fullmatch(suffix):
         exponent = int(suffix[1:])
         if abs(exponent) > _MAX_EXPONENT:
             raise InvalidPodSpec(f"{field}: {text!r} is out of range", field=field)

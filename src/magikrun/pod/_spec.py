@@ -102,6 +102,9 @@ DEFAULT_SECRET_MODE = 0o400
 
 _E = TypeVar("_E", bound=StrEnum)
 _MAX_ID = 2**31 - 1
+_MAX_NAMESERVERS = 3
+_MAX_SEARCHES = 32
+"""Kubernetes' limits for dnsConfig: what glibc's resolver reads."""
 _POD_ID_READABLE_LEN = 63
 
 
@@ -1197,7 +1200,11 @@ class _PodParser:
             check_ip(s, f"{obj.at('nameservers')}[{i}]")
             for i, s in enumerate(obj.texts("nameservers") or ())
         )
+        if len(servers) > _MAX_NAMESERVERS:
+            raise fail(obj.at("nameservers"), f"holds more than {_MAX_NAMESERVERS} addresses")
         searches = obj.texts("searches") or ()
+        if len(searches) > _MAX_SEARCHES:
+            raise fail(obj.at("searches"), f"holds more than {_MAX_SEARCHES} domains")
         for index, search in enumerate(searches):
             if not is_hostname(search):
                 raise fail(f"{obj.at('searches')}[{index}]", f"{search!r} is not a domain")
