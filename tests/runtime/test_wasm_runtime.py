@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -375,3 +377,33 @@ async def test_bundle_built_from_a_module_runs_and_is_digest_checked(
     with pytest.raises(CreateFailed, match="hashes to sha256:"):
         await runtime.create("swapped", bundle.path)
     assert_nothing_left(runtime, "swapped")
+
+
+FOREGROUND = """
+import asyncio, sys
+from magikrun.platform import Paths
+from magikrun.runtime._wasmtime import WasmtimeRuntime
+
+async def main() -> int:
+    runtime = WasmtimeRuntime(Paths.resolve(sys.argv[1]))
+    await runtime.create("fg", sys.argv[2], foreground=True)
+    await runtime.start("fg")
+    code = await runtime.wait("fg")
+    await runtime.delete("fg")
+    return code
+
+sys.exit(asyncio.run(main()))
+"""
+
+
+def test_foreground_run_uses_the_callers_stdio(paths: Paths, make_bundle: MakeBundle) -> None:
+    bundle = make_bundle("cat")
+    done = subprocess.run(
+        [sys.executable, "-c", FOREGROUND, str(paths.data), str(bundle)],
+        input=b"typed by the caller\n",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"typed by the caller\n", b"")
+    assert_nothing_left(WasmtimeRuntime(paths), "fg")

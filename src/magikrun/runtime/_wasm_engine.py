@@ -122,6 +122,7 @@ class WasiSpec:
 
     ``stdout``/``stderr`` name files (created or truncated); ``None`` passes this
     process's own fd 1/2 through, which is how a worker writes into the container log.
+    The module's stdin is empty unless ``inherit_stdin`` passes fd 0 through.
     """
 
     argv: tuple[str, ...]
@@ -129,6 +130,7 @@ class WasiSpec:
     preopens: tuple[Preopen, ...] = ()
     stdout: str | None = None
     stderr: str | None = None
+    inherit_stdin: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +427,8 @@ def _wasi_config(spec: WasiSpec) -> wasmtime.WasiConfig:
     wasi = wasmtime.WasiConfig()
     wasi.argv = list(spec.argv)
     wasi.env = [list(pair) for pair in spec.env]
+    if spec.inherit_stdin:
+        wasi.inherit_stdin()
     if spec.stdout is None:
         wasi.inherit_stdout()
     else:

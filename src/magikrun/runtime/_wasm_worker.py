@@ -11,8 +11,9 @@ fifo for reading; then it runs the module and exits with the module's exit code
 Terminating signals are taken by a helper thread with ``sigwait``: before the
 module runs the worker exits at once with 128+N; while it runs, the engine's epoch
 is bumped so that wasm code stops at its next check and the worker exits with
-128+N after writing why to stderr (the container log). Its stdout/stderr are the
-monitor's pipes (the CRI log) or, for a foreground run, the caller's terminal.
+128+N after writing why to stderr (the container log). Its stdio is what the
+monitor gives it: /dev/null and pipes into the CRI log, or for a foreground run the
+caller's own stdin, stdout and stderr; the module gets the same.
 
 Run as ``python -m magikrun.runtime._wasm_worker SPEC_JSON_FILE``; the spec file
 sits in the container's state directory (mode 0600: it holds the environment).
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
                 argv=tuple(spec.argv),
                 env=tuple(spec.env),
                 preopens=tuple(Preopen(h, g, ro) for h, g, ro in spec.preopens),
+                inherit_stdin=True,
             ),
         )
     except (MagikrunError, OSError, ValueError, KeyError, TypeError) as exc:
