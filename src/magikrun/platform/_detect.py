@@ -462,7 +462,7 @@ def _read_cache(cache_dir: Path, key: Mapping[str, str | None]) -> Hypervisor | 
     """The cached verdict for ``key``; None when absent, stale or unreadable (re-probe)."""
     try:
         dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         fd = os.open(_CACHE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
