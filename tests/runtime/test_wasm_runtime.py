@@ -407,3 +407,17 @@ def test_foreground_run_uses_the_callers_stdio(paths: Paths, make_bundle: MakeBu
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, b"typed by the caller\n", b"")
     assert_nothing_left(WasmtimeRuntime(paths), "fg")
+
+
+async def test_kill_stops_a_module_blocked_in_a_wasi_call(
+    runtime: WasmtimeRuntime, make_bundle: MakeBundle
+) -> None:
+    await runtime.create("sleeper", make_bundle("sleep"))
+    await runtime.start("sleeper")
+    await runtime.kill("sleeper", "SIGTERM")
+    assert await runtime.wait("sleeper") == 143
+    assert log_lines(runtime, "sleeper") == [
+        ("stderr", "magikrun: wasm module stopped by SIGTERM inside a WASI call")
+    ]
+    await runtime.delete("sleeper")
+    assert_nothing_left(runtime, "sleeper")

@@ -28,6 +28,8 @@ import signal
 import stat
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -48,6 +50,7 @@ _CATCH = frozenset(
         signal.SIGALRM,
     }
 )
+_INTERRUPT_GRACE = 1.0
 _SYS_OPENAT2 = 437
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
@@ -145,25 +148,33 @@ def open_in_root(root: str, path: str, *, max_size: int) -> int:
 
 
 class _Signals:
-    """Takes terminating signals on a helper thread and turns them into exits or interrupts."""
+    """Takes terminating signals on a helper thread and turns them into exits or interrupts.
+
+    An epoch interrupt stops wasm code at once but not a module blocked in a WASI
+    call (a sleep, a read); if the module has not stopped after ``_INTERRUPT_GRACE``
+    seconds the worker exits with 128+N anyway.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.interrupt: Any = None
+        self.interrupt: Callable[[int], None] | None = None
         signal.pthread_sigmask(signal.SIG_BLOCK, _CATCH)
         threading.Thread(target=self._wait, name="signals", daemon=True).start()
 
-    def running(self, interrupt: Any) -> None:
+    def running(self, interrupt: Callable[[int], None]) -> None:
         with self.lock:
             self.interrupt = interrupt
 
     def _wait(self) -> None:
-        while True:
-            signum = signal.sigwait(_CATCH)
-            with self.lock:
-                if self.interrupt is None:
-                    os._exit(128 + signum)
-                self.interrupt(signum)
+        signum = signal.sigwait(_CATCH)
+        with self.lock:
+            if self.interrupt is None:
+                os._exit(128 + signum)
+            self.interrupt(signum)
+        time.sleep(_INTERRUPT_GRACE)
+        name = signal.Signals(signum).name
+        os.write(2, f"magikrun: wasm module stopped by {name} inside a WASI call\n".encode())
+        os._exit(128 + signum)
 
 
 def _error_line(exc: BaseException) -> bytes:
@@ -211,9 +222,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
     os.write(ready_fd, b"ok\n")
     os.close(ready_fd)
     fifo = os.open(spec.exec_fifo, os.O_WRONLY | os.O_CLOEXEC)
+    # From here a signal interrupts the module instead of ending the worker, so that
+    # a kill right after start returns is reported as the module's stop.
+    signals.running(engine.interrupt)
     os.write(fifo, b"0")
     os.close(fifo)
-    signals.running(engine.interrupt)
     result = engine.run(prepared)
     if result.message:
         os.write(2, f"magikrun: {result.message}\n".encode())
