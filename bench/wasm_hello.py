@@ -35,7 +35,6 @@ import sys, wasmtime
 config = wasmtime.Config()
 config.consume_fuel = True
 config.epoch_interruption = True
-config.parallel_compilation = False
 engine = wasmtime.Engine(config)
 module = wasmtime.Module.deserialize_file(engine, sys.argv[1])
 store = wasmtime.Store(engine)

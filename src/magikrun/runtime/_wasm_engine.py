@@ -42,7 +42,14 @@ from pathlib import Path
 
 import wasmtime
 
-from ..errors import BackendFailed, DigestMismatch, InvalidArgument, InvalidBundle, LimitExceeded
+from ..errors import (
+    BackendFailed,
+    DigestMismatch,
+    InvalidArgument,
+    InvalidBundle,
+    LimitExceeded,
+    MagikrunError,
+)
 from ..platform._limits import DEFAULT_WASM_FUEL, MAX_WASM_MEMORY_PAGES, MAX_WASM_MODULE_SIZE
 
 __all__ = [
@@ -165,17 +172,14 @@ class _Interrupt:
 
 
 @contextlib.contextmanager
-def _wasmtime_errors(what: str, **subject: object) -> Iterator[None]:
-    """The one place wasmtime's own errors become magikrun errors."""
+def _wasmtime_errors(
+    message: str, *, hint: str, error: type[MagikrunError] = BackendFailed, **subject: object
+) -> Iterator[None]:
+    """The one place wasmtime's errors become magikrun errors: ``message: reason``."""
     try:
         yield
     except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-        message = str(exc).strip().splitlines()
-        raise BackendFailed(
-            f"wasmtime failed to {what}: {message[0] if message else type(exc).__name__}",
-            hint="check the module and its WASI configuration",
-            **subject,
-        ) from exc
+        raise error(f"{message}: {_reason(str(exc))}", hint=hint, **subject) from exc
 
 
 def _wasmtime_version() -> str:
@@ -200,13 +204,10 @@ class WasmEngine:
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
-        # A worker is forked from a process that may already own wasmtime threads;
-        # compiling on the calling thread keeps the child free of a dead thread pool.
-        config.parallel_compilation = False
         self._engine = wasmtime.Engine(config)
         self._interrupt = _Interrupt()
         self._cache_key = hashlib.sha256(
-            f"wasmtime-py {_wasmtime_version()}; fuel; epoch; serial".encode()
+            f"wasmtime-py {_wasmtime_version()}; fuel; epoch".encode()
         ).hexdigest()[:16]
 
     def interrupt(self, signum: int) -> None:
@@ -280,18 +281,21 @@ class WasmEngine:
         store.set_epoch_deadline(1)
         store.set_limits(memory_size=self.limits.memory_pages * WASM_PAGE_SIZE)
         name = spec.argv[0] if spec.argv else ""
-        with _wasmtime_errors("set up WASI", path=name):
+        with _wasmtime_errors(
+            "wasmtime failed to set up WASI",
+            hint="check that every preopened directory exists and is readable",
+            path=name,
+        ):
             store.set_wasi(_wasi_config(spec))
             linker = wasmtime.Linker(self._engine)
             linker.define_wasi()
-        try:
+        with _wasmtime_errors(
+            f"wasm module {name} cannot be linked",
+            hint="the module must import only WASI preview 1 functions",
+            error=InvalidBundle,
+            path=name,
+        ):
             pre = linker.instantiate_pre(compiled.module)
-        except wasmtime.WasmtimeError as exc:
-            raise InvalidBundle(
-                f"wasm module {name} cannot be linked: {_first_line(str(exc))}",
-                hint="the module must import only WASI preview 1 functions",
-                path=name,
-            ) from exc
         return PreparedRun(store=store, pre=pre)
 
     def run(self, prepared: PreparedRun) -> WasmResult:
@@ -310,14 +314,14 @@ class WasmEngine:
             return self._trapped(exc, store, instance)
         except wasmtime.WasmtimeError as exc:
             # e.g. proc_exit with a status WASI does not allow (126 and above)
-            return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, f"wasm error: {_trap_text(str(exc))}")
+            return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, f"wasm error: {_reason(str(exc))}")
         return WasmResult(0, WasmStop.EXITED)
 
     def _trapped(
         self, trap: wasmtime.Trap, store: wasmtime.Store, instance: wasmtime.Instance | None
     ) -> WasmResult:
         code = trap.trap_code
-        text = _trap_text(trap.message)
+        text = _reason(trap.message)
         if code == wasmtime.TrapCode.INTERRUPT and self._interrupt.signal is not None:
             signum = self._interrupt.signal
             return WasmResult(
@@ -387,14 +391,13 @@ class WasmEngine:
 
     def _compile(self, wasm: bytes, name: str) -> wasmtime.Module:
         self.compiles += 1
-        try:
+        with _wasmtime_errors(
+            f"wasm module {name} is invalid",
+            hint="rebuild the module; it failed WebAssembly validation",
+            error=InvalidBundle,
+            path=name,
+        ):
             return wasmtime.Module(self._engine, wasm)
-        except wasmtime.WasmtimeError as exc:
-            raise InvalidBundle(
-                f"wasm module {name} is invalid: {_first_line(str(exc))}",
-                hint="rebuild the module; it failed WebAssembly validation",
-                path=name,
-            ) from exc
 
     def _cache_path(self, hexdigest: str) -> Path | None:
         if self.cache_dir is None:
@@ -402,15 +405,21 @@ class WasmEngine:
         return self.cache_dir / f"{hexdigest}-{self._cache_key}{_CACHE_SUFFIX}"
 
     def _from_cache(self, path: Path) -> wasmtime.Module | None:
+        if not path.is_file():
+            return None
         try:
             return wasmtime.Module.deserialize_file(self._engine, str(path))
         except wasmtime.WasmtimeError:
-            # Missing, or written by another build: compiling again replaces it.
+            # Corrupt or from another wasmtime build: compiling again replaces it.
             return None
 
     def _store(self, path: Path, module: wasmtime.Module) -> None:
         """Write the compiled module next to its final name, then rename it into place."""
-        with _wasmtime_errors("serialize a compiled module", path=str(path)):
+        with _wasmtime_errors(
+            "wasmtime failed to serialize a compiled module",
+            hint="report this as a bug; the module ran uncached",
+            path=str(path),
+        ):
             data = bytes(module.serialize())
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_CACHE_SUFFIX)
@@ -442,15 +451,9 @@ def _wasi_config(spec: WasiSpec) -> wasmtime.WasiConfig:
     return wasi
 
 
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else "unknown error"
-
-
-def _trap_text(message: str) -> str:
-    """The reason from a wasmtime error, without its backtrace (e.g. "wasm `unreachable` ...")."""
+def _reason(message: str) -> str:
+    """The reason in a wasmtime error, without its backtrace (e.g. "wasm `unreachable` ...")."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if "Caused by:" in lines[:-1]:
-        reason = lines[lines.index("Caused by:") + 1]
-        return reason.removeprefix("wasm trap:").strip()
+        return lines[lines.index("Caused by:") + 1].removeprefix("wasm trap:").strip()
     return lines[0] if lines else "unknown error"
