@@ -24,10 +24,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import os
+import queue
 import shutil
 import stat
 import tarfile
@@ -60,6 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["ExtractBudget", "LayerStats", "apply_layer", "unpack_layer"]
 
 _CHUNK = 1 << 20
+_TAR_BUFFER = 64 << 10
+"""tarfile's stream buffer: it copies what is buffered on every header read, so keep it
+well below _CHUNK."""
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -68,6 +73,7 @@ _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 _MAX_CACHED_DIRS = 256
+_QUEUED_CHUNKS = 4
 _ENTRY_OVERHEAD = 4096
 """Stream bytes allowed per entry besides its content: headers, PAX records, padding."""
 
@@ -118,7 +124,9 @@ class _LayerStream(io.RawIOBase):
     """The uncompressed tar stream of a blob, hashed and bounded as it is read.
 
     The compression is sniffed from the first bytes rather than trusted from the media
-    type: registries mislabel layers.
+    type: registries mislabel layers. Decompressing and hashing run in a thread of their
+    own (zlib, zstd and sha256 release the GIL), overlapping with the tar parsing and file
+    writes of the reading thread. Close it to stop that thread.
     """
 
     def __init__(self, blob: BinaryIO, budget: ExtractBudget) -> None:
@@ -145,6 +153,12 @@ class _LayerStream(io.RawIOBase):
             self._zstd = zstandard.ZstdDecompressor().stream_reader(
                 cast(BinaryIO, _RawView(self)), read_size=_CHUNK, read_across_frames=True
             )
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_QUEUED_CHUNKS)
+        self._stop = threading.Event()
+        self._current = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._produce, name="magikrun-layer", daemon=True)
+        self._thread.start()
 
     def readable(self) -> bool:
         return True
@@ -166,17 +180,26 @@ class _LayerStream(io.RawIOBase):
             return data
         return self._raw(min(size, _CHUNK))
 
-    def read(self, size: int = -1, /) -> bytes:
-        size = _CHUNK if size is None or size < 0 else size
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._next_chunk()
+                self._chunks.put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            self._chunks.put(exc)
+
+    def _next_chunk(self) -> bytes:
         if self._gzip is not None:
-            data = self._read_gzip(size)
+            data = self._read_gzip(_CHUNK)
         elif self._zstd is not None:
             try:
-                data = self._zstd.read(size)
+                data = self._zstd.read(_CHUNK)
             except zstandard.ZstdError as exc:
                 raise UnsafeLayer(f"layer is not valid zstd: {exc}") from exc
         else:
-            data = self.raw_read(size)
+            data = self.raw_read(_CHUNK)
         self._total += len(data)
         if self._total > self._stream_limit:
             raise ImageTooLarge(
@@ -184,6 +207,21 @@ class _LayerStream(io.RawIOBase):
                 limit=self._stream_limit,
             )
         self._hash.update(data)
+        return data
+
+    def read(self, size: int = -1, /) -> bytes:
+        size = _CHUNK if size is None or size < 0 else size
+        if not self._current:
+            if self._eof:
+                return b""
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            self._eof = not item
+            self._current = memoryview(item)
+        data = bytes(self._current[:size])
+        self._current = self._current[size:]
         return data
 
     def _read_gzip(self, size: int) -> bytes:
@@ -211,6 +249,15 @@ class _LayerStream(io.RawIOBase):
         """Read to the end: the diff_id covers the tar's padding and anything after it."""
         while self.read(_CHUNK):
             pass
+
+    def close(self) -> None:
+        """Stop the decompressing thread and wait for it."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._chunks.get_nowait()
+            self._thread.join(0.01)
+        super().close()
 
     @property
     def diff_id(self) -> str:
@@ -650,6 +697,7 @@ def apply_layer(
     is_privileged = os.geteuid() == 0 if privileged is None else privileged
     lower_fds: list[int] = []
     tree: _Tree | None = None
+    stream: _LayerStream | None = None
     entries = written = 0
     entry = ""
     try:
@@ -659,7 +707,7 @@ def apply_layer(
             )
         tree = _Tree(target_fd, mode, lower_fds, is_privileged)
         stream = _LayerStream(blob, budget)
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK) as tar:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tar:
             for member in tar:
                 entry = member.name
                 entries += 1
@@ -673,6 +721,7 @@ def apply_layer(
         entry = ""
         stream.drain()
         tree.finish()
+        return LayerStats(diff_id=stream.diff_id, entries=entries, bytes=written)
     except tarfile.TarError as exc:
         raise UnsafeLayer(f"layer is not a valid tar archive: {exc}") from exc
     except (OverflowError, ValueError) as exc:
@@ -680,11 +729,12 @@ def apply_layer(
     except OSError as exc:
         raise _os_error(exc, entry) from exc
     finally:
+        if stream is not None:
+            stream.close()
         if tree is not None:
             tree.close()
         for fd in lower_fds:
             os.close(fd)
-    return LayerStats(diff_id=stream.diff_id, entries=entries, bytes=written)
 
 
 async def unpack_layer(
