@@ -421,3 +421,40 @@ async def test_kill_stops_a_module_blocked_in_a_wasi_call(
     ]
     await runtime.delete("sleeper")
     assert_nothing_left(runtime, "sleeper")
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"env": ["NO_EQUALS_SIGN"]}, InvalidBundle, "KEY=value"),
+        ({"terminal": True}, NotSupported, "cannot have a terminal"),
+        ({"cwd": "relative"}, InvalidBundle, "must be an absolute path"),
+        ({"args": []}, InvalidBundle, "non-empty list"),
+    ],
+)
+async def test_hostile_process_is_refused_leaving_nothing(
+    runtime: WasmtimeRuntime,
+    make_bundle: MakeBundle,
+    change: dict[str, Any],
+    error: type[Exception],
+    message: str,
+) -> None:
+    bundle = make_bundle("hello")
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"].update(change)
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=message):
+        await runtime.create("hostile", bundle)
+    assert_nothing_left(runtime, "hostile")
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [{FUEL_ANNOTATION: "lots"}, {FUEL_ANNOTATION: "0"}, {MEMORY_PAGES_ANNOTATION: "65537"}],
+)
+async def test_bad_limit_annotations_are_refused(
+    runtime: WasmtimeRuntime, make_bundle: MakeBundle, annotations: dict[str, str]
+) -> None:
+    with pytest.raises(InvalidBundle, match=r"annotation io\.magikrun\.wasm"):
+        await runtime.create("limits", make_bundle("hello", annotations=annotations))
+    assert_nothing_left(runtime, "limits")

@@ -72,6 +72,7 @@ def _bad(bundle: Path, message: str, hint: str) -> InvalidBundle:
 def _positive_annotation(
     bundle: Path, annotations: Mapping[str, str], key: str, default: int
 ) -> int:
+    """A limit the bundle sets through an annotation, else ``default``."""
     raw = annotations.get(key)
     if raw is None:
         return default
