@@ -9,16 +9,19 @@ runs, so no helper process or thread is needed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import PodNetworkError
 
-__all__ = ["create_netns", "delete_netns", "is_netns"]
+__all__ = ["create_netns", "delete_netns", "has_interface", "is_netns"]
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
@@ -51,7 +54,16 @@ def create_netns(path: Path) -> Path:
 
     Raises ``PodNetworkError`` (nothing left behind) when the namespace cannot be made.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444
+        )
+    except FileExistsError as exc:
+        raise PodNetworkError(
+            f"network namespace {path} already exists",
+            hint="delete the pod that owns it first",
+            path=path,
+        ) from exc
     os.close(fd)
     try:
         _bind_new_netns(path)
@@ -65,22 +77,44 @@ def create_netns(path: Path) -> Path:
     return path
 
 
-def _bind_new_netns(path: Path) -> None:
+@contextlib.contextmanager
+def _returning(path: Path) -> Iterator[None]:
+    """Run the block in whatever namespace it enters, then return to this thread's own."""
     with _lock:
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                raise _oserror("unshare", path)
+            yield
+        finally:
             try:
-                source = b"/proc/thread-self/ns/net"
-                if _libc.mount(source, os.fsencode(path), None, MS_BIND, None) != 0:
-                    raise _oserror("mount", path)
-            finally:
                 if _libc.setns(own, CLONE_NEWNET) != 0:
                     # The thread is stranded in the pod's namespace: nothing sane can go on.
-                    raise SystemExit(f"magikrun: cannot return to the host network: {path}")
-        finally:
-            os.close(own)
+                    raise SystemExit(f"magikrun: cannot return to the host network from {path}")
+            finally:
+                os.close(own)
+
+
+def _bind_new_netns(path: Path) -> None:
+    with _returning(path):
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise _oserror("unshare", path)
+        if _libc.mount(b"/proc/thread-self/ns/net", os.fsencode(path), None, MS_BIND, None) != 0:
+            raise _oserror("mount", path)
+
+
+def has_interface(path: Path, name: str) -> bool:
+    """Whether the namespace bound at ``path`` has a network interface called ``name``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _returning(path):
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise _oserror("setns", path)
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                return False
+            return True
+    finally:
+        os.close(fd)
 
 
 def delete_netns(path: Path) -> None:

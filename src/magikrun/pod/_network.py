@@ -43,7 +43,7 @@ from .. import _process
 from ..errors import InvalidArgument, MagikrunError, MagikrunTimeout, PodNetworkError
 from ..platform import Paths
 from ..platform._limits import CNI_PLUGIN_TIMEOUT
-from ._netns import create_netns, delete_netns, is_netns
+from ._netns import create_netns, delete_netns, has_interface, is_netns
 from ._spec import PodSpec
 
 __all__ = [
@@ -219,6 +219,14 @@ class PodNetwork:
                 pod_id=pod_id,
             )
         chain = self._config(list(port_mappings))
+        for plugin in (*(p["type"] for p in chain), "host-local"):
+            if not os.access(self.plugin_dir / plugin, os.X_OK):
+                raise PodNetworkError(
+                    f"CNI plugin {self.plugin_dir / plugin} is not installed",
+                    hint="install Debian's containernetworking-plugins",
+                    pod_id=pod_id,
+                    plugin=plugin,
+                )
         record = self._record_path(pod_id)
         if record.exists():
             raise PodNetworkError(
@@ -269,9 +277,10 @@ class PodNetwork:
     async def delete(self, pod_id: str, netns_path: Path) -> None:
         """Detach the pod: free its IP, remove its veth and iptables rules. Idempotent.
 
-        Works when the namespace is already gone: then a scratch namespace holding the
-        pod's old address stands in, so the bridge plugin finds and removes its masquerade
-        rules (it learns the addresses from the pod's interface, not from prevResult).
+        Works when the namespace or its interface is already gone: then a scratch namespace
+        holding the pod's old address stands in, so the bridge plugin finds and removes its
+        masquerade rules (it learns the addresses from the pod's interface, not from
+        prevResult, and would silently leave them otherwise).
         """
         _check_id(pod_id)
         record = self._read_record(pod_id)
@@ -280,9 +289,14 @@ class PodNetwork:
         result: dict[str, Any] | None = record.get("result")
         chain: list[dict[str, Any]] = record["chain"]
         addresses = [str(ip["address"]) for ip in (result or {}).get("ips", [])]
-        netns = str(netns_path) if is_netns(netns_path) else ""
+        alive = is_netns(netns_path)
+        target = str(netns_path) if alive else ""
         scratch: Path | None = None
-        if not netns and addresses and await self._has_masquerade(pod_id):
+        if (
+            addresses
+            and not (alive and has_interface(netns_path, POD_INTERFACE))
+            and await self._has_masquerade(pod_id)
+        ):
             scratch = self._netns_dir / f".del-{pod_id}"
             self._netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             delete_netns(scratch)
@@ -291,12 +305,14 @@ class PodNetwork:
             if scratch is not None:
                 await self._fake_interface(scratch, addresses)
             for plugin in reversed(chain):
-                if plugin["type"] == "loopback" and netns != str(netns_path):
+                kind = plugin["type"]
+                if kind == "loopback" and not alive:
                     continue
                 conf = dict(plugin)
                 if result is not None:
                     conf["prevResult"] = result
-                await self._call("DEL", plugin["type"], pod_id, str(scratch or netns), conf)
+                netns = str(scratch) if kind == "bridge" and scratch is not None else target
+                await self._call("DEL", kind, pod_id, netns, conf)
         finally:
             if scratch is not None:
                 delete_netns(scratch)
@@ -325,6 +341,12 @@ class PodNetwork:
             raise PodNetworkError(
                 f"CNI plugin {binary} is not installed",
                 hint="install Debian's containernetworking-plugins",
+                pod_id=pod_id,
+                plugin=plugin,
+            ) from exc
+        except BrokenPipeError as exc:
+            raise PodNetworkError(
+                f"CNI {plugin} {command} for pod {pod_id} exited without reading its config",
                 pod_id=pod_id,
                 plugin=plugin,
             ) from exc
