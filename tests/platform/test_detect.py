@@ -381,3 +381,27 @@ def test_unwritable_cache_raises_and_leaves_nothing(paths: Paths) -> None:
     assert "--root" in info.value.hint
     assert paths.cache.read_text() == "a file where the cache directory belongs"
     assert sorted(p.name for p in paths.data.iterdir()) == ["cache", "run"]
+
+
+def test_cache_dir_symlink_is_refused(paths: Paths, short_tmp: Path) -> None:
+    elsewhere = short_tmp / "elsewhere"
+    elsewhere.mkdir()
+    paths.cache.symlink_to(elsewhere)
+    with pytest.raises(StorageError) as info:
+        hypervisor_status(paths.cache)
+    assert "cannot cache the hypervisor probe" in info.value.message
+    assert os.listdir(elsewhere) == []
+
+
+@requires_root
+def test_full_disk_raises_and_leaves_no_temporary(paths: Paths) -> None:
+    paths.cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(paths.cache)], check=True)
+    try:
+        (paths.cache / "fill").write_bytes(b"x" * 4096)
+        with pytest.raises(StorageError) as info:
+            hypervisor_status(paths.cache)
+        assert "No space left on device" in info.value.message
+        assert os.listdir(paths.cache) == ["fill"]
+    finally:
+        subprocess.run(["umount", str(paths.cache)], check=True)

@@ -104,6 +104,7 @@ _KVM_API_VERSION = 12
 _BANNER = b"Linux version "
 _KVM_FAILURE = re.compile(rb"KVM internal error[^\r\n]*|failed to [^\r\n]*|error: [^\r\n]*")
 _CACHE_NAME = "hypervisor.json"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CACHE_MAX_BYTES = 64 * 1024
 _OUTPUT_KEEP = 64 * 1024
 _VERSION = re.compile(r"version\s+v?(\d[\w.+~:-]*)", re.IGNORECASE)
@@ -461,8 +462,8 @@ def hypervisor_status(cache_dir: Path) -> Hypervisor:
 def _read_cache(cache_dir: Path, key: Mapping[str, str | None]) -> Hypervisor | None:
     """The cached verdict for ``key``; None when absent, stale or unreadable (re-probe)."""
     try:
-        dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
+        dir_fd = os.open(cache_dir, _DIR_FLAGS)
+    except OSError:
         return None
     try:
         fd = os.open(_CACHE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -483,13 +484,20 @@ def _write_cache(cache_dir: Path, key: Mapping[str, str | None], verdict: Hyperv
     tmp = f".{_CACHE_NAME}.{os.getpid()}.{threading.get_ident()}"
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        dir_fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open(cache_dir, _DIR_FLAGS)
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(data)
             os.replace(tmp, _CACHE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException as exc:
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+            except OSError as cleanup:
+                exc.add_note(f"could not remove the temporary {cache_dir / tmp}: {cleanup}")
+            raise
         finally:
             os.close(dir_fd)
     except OSError as exc:
