@@ -12,12 +12,13 @@ import pytest
 
 from magikrun.errors import (
     DigestMismatch,
+    ImageNotFound,
     ImageTooLarge,
     InvalidArgument,
     ManifestInvalid,
     PathTraversal,
 )
-from magikrun.image import ImageService, LayerEntry, LayoutWriter, build_layer
+from magikrun.image import ImageService, LayerEntry, LayoutWriter, PlatformSpec, build_layer
 from magikrun.image._mediatypes import OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST
 from magikrun.platform import Paths
 from magikrun.storage import sha256_digest
@@ -288,3 +289,38 @@ async def test_not_an_archive(paths: Paths, short_tmp: Path) -> None:
     with pytest.raises(ManifestInvalid, match="not valid JSON"):
         await service.import_(bad)
     _assert_nothing_stored(paths, service)
+
+
+def _multi_platform_layout(root: Path) -> dict[str, str]:
+    """A layout whose one named entry is an index of an amd64 and an arm64 image."""
+    writer = LayoutWriter(root)
+    digests = {}
+    for arch in ("amd64", "arm64"):
+        blob, diff = _layer(f"etc/{arch}", arch.encode())
+        config = {**_config([diff]), "architecture": arch}
+        digests[arch] = writer.add_image(
+            ref_name=arch,
+            config=config,
+            layers=[(OCI_LAYER_GZIP, blob)],
+            platform=PlatformSpec("linux", arch, "v8" if arch == "arm64" else None),
+        )
+    writer.write_index()
+    nested = (root / "index.json").read_bytes()
+    desc = writer.add_blob(nested, OCI_INDEX)
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "example.local/multi:1"}
+    top = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [desc]}
+    (root / "index.json").write_text(json.dumps(top))
+    return digests
+
+
+async def test_import_picks_the_platform_from_a_nested_index(paths: Paths, short_tmp: Path) -> None:
+    digests = _multi_platform_layout(short_tmp / "layout")
+    service = ImageService(paths)
+    (image,) = await service.import_(
+        short_tmp / "layout", platform=PlatformSpec.parse("linux/arm64")
+    )
+    assert image.manifest_digest == digests["arm64"]
+    assert str(image.platform) == "linux/arm64"
+    assert service.content.has(digests["arm64"]) and not service.content.has(digests["amd64"])
+    with pytest.raises(ImageNotFound, match="no manifest for linux/s390x"):
+        await service.import_(short_tmp / "layout", platform=PlatformSpec.parse("linux/s390x"))

@@ -24,7 +24,7 @@ from ..errors import (
     InvalidReference,
     ManifestInvalid,
 )
-from ..platform._limits import (
+from ..platform import (
     MAX_CONFIG_SIZE,
     MAX_LAYER_SIZE,
     MAX_LAYERS,
@@ -59,6 +59,7 @@ from ._mediatypes import (
     WASM_LAYER,
 )
 from ._model import Descriptor, Image, PlatformSpec
+from ._pull import select_platform
 from ._reference import Reference
 
 __all__ = ["ImportedImage", "stage_archive"]
@@ -98,7 +99,7 @@ async def stage_archive(
     try:
         with open_archive(path) as source:
             if source.exists("index.json"):
-                found = _read_layout(source, platform or PlatformSpec.host())
+                found = _read_layout(source, platform)
             elif source.exists("manifest.json"):
                 found = _read_docker(source)
             else:
@@ -183,7 +184,7 @@ def _read_verified(source: ArchiveSource, desc: Descriptor, limit: int, what: st
     return data
 
 
-def _read_layout(source: ArchiveSource, platform: PlatformSpec) -> list[_Found]:
+def _read_layout(source: ArchiveSource, platform: PlatformSpec | None) -> list[_Found]:
     entries = parse_index(read_limited(source, "index.json", MAX_MANIFEST_SIZE, "index"))
     found = []
     for entry in entries:
@@ -213,9 +214,9 @@ def _read_layout(source: ArchiveSource, platform: PlatformSpec) -> list[_Found]:
 
 
 def _select_manifest(
-    source: ArchiveSource, desc: Descriptor, platform: PlatformSpec, depth: int
+    source: ArchiveSource, desc: Descriptor, platform: PlatformSpec | None, depth: int
 ) -> tuple[Descriptor, tuple[bytes, ...]]:
-    """Follow nested indexes down to the manifest for ``platform``."""
+    """Follow nested indexes down to the manifest for ``platform`` (as a pull picks)."""
     if desc.media_type in MANIFEST_TYPES:
         return desc, ()
     if desc.media_type not in INDEX_TYPES or depth >= _MAX_INDEX_DEPTH:
@@ -225,21 +226,14 @@ def _select_manifest(
             digest=desc.digest,
         )
     data = _read_verified(source, desc, MAX_MANIFEST_SIZE, "index")
-    candidates = [d for d in parse_index(data) if d.platform is not None]
-    for wanted_variant in (True, False):
-        for cand in candidates:
-            p = cand.platform
-            assert p is not None
-            if (p.os, p.architecture) == (platform.os, platform.architecture) and (
-                not wanted_variant or p.variant == platform.variant
-            ):
-                chosen, extra = _select_manifest(source, cand, platform, depth + 1)
-                return chosen, (data, *extra)
-    raise ManifestInvalid(
-        f"the archive's index {desc.digest} has no image for {platform}",
-        hint="pick one of its platforms with --platform",
-        digest=desc.digest,
+    chosen = select_platform(
+        parse_index(data),
+        platform or PlatformSpec.host(),
+        explicit=platform is not None,
+        reference=desc.digest,
     )
+    manifest, extra = _select_manifest(source, chosen, platform, depth + 1)
+    return manifest, (data, *extra)
 
 
 def _read_docker(source: ArchiveSource) -> list[_Found]:

@@ -18,7 +18,7 @@ import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from ..errors import (
     PathTraversal,
     UnsupportedMediaType,
 )
-from ..platform._limits import (
+from ..platform import (
     MAX_CONFIG_SIZE,
     MAX_FILES_PER_LAYER,
     MAX_LAYER_SIZE,
@@ -595,7 +595,7 @@ class LayoutWriter:
         (self.root / "index.json").write_bytes(canonical_json(index))
 
 
-def copy_stream(src: IO[bytes], write: Any, limit: int) -> int:
+def copy_stream(src: IO[bytes], write: Callable[[bytes], object], limit: int) -> int:
     """Copy ``src`` through ``write`` in chunks, up to ``limit`` + 1 bytes; returns bytes."""
     total = 0
     while chunk := src.read(min(_CHUNK, limit + 1 - total)):

@@ -27,8 +27,7 @@ from ..errors import (
     SnapshotInUse,
     StorageError,
 )
-from ..platform import Paths
-from ..platform._limits import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE
+from ..platform import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Paths
 from ..storage import (
     ContentStore,
     ImageRecord,
