@@ -381,6 +381,23 @@ def test_setuid_and_owner_only_when_privileged(site: Site, privileged: bool) -> 
     assert stat.S_IMODE((site.base / "root" / "sticky").lstat().st_mode) == 0o1777
 
 
+@requires_root
+@pytest.mark.parametrize("mode", MODES)
+def test_xattrs_only_in_allowed_namespaces(site: Site, mode: str) -> None:
+    forged = {
+        "SCHILY.xattr.user.origin": "layer",
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.trusted.overlay.redirect": "/etc",
+    }
+    file_entry, dir_entry = reg("f"), dir_("d")
+    file_entry[0].pax_headers = dict(forged)
+    dir_entry[0].pax_headers = dict(forged)
+    site.apply(tar(file_entry, dir_entry), mode=mode, privileged=True)
+    for name in ("f", "d"):
+        assert os.listxattr(site.base / "root" / name) == ["user.origin"]
+        assert os.getxattr(site.base / "root" / name, "user.origin") == b"layer"
+
+
 def test_metadata_is_applied(site: Site) -> None:
     site.apply(tar(dir_("d", 0o750), reg("d/f", mode=0o600), sym("d/l", "f")))
     root = site.base / "root"

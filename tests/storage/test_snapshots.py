@@ -26,6 +26,7 @@ from magikrun.errors import (
     RootfsExists,
     SnapshotInUse,
     SnapshotNotFound,
+    StorageError,
 )
 from magikrun.platform import Paths
 from magikrun.storage import Rootfs, SnapshotStore
@@ -268,6 +269,21 @@ async def test_remove_unmounts_and_is_idempotent(paths: Paths) -> None:
     assert not mounted(rootfs.path)
     assert not rootfs.path.parent.exists()
     assert store.rootfs("gone") is None
+
+
+@requires_root
+async def test_remove_of_a_busy_rootfs_keeps_it(paths: Paths) -> None:
+    store = SnapshotStore(paths)
+    rootfs = await store.prepare_rootfs("busy", [await snapshot(store, "base", BASE)])
+    (rootfs.path / "work").write_bytes(b"unsaved")
+    with open(rootfs.path / "work", "rb"):
+        with pytest.raises(StorageError, match="cannot unmount") as info:
+            await rootfs.remove()
+        assert info.value.hint
+        assert mounted(rootfs.path)
+        assert (rootfs.path.parent / "upper" / "work").read_bytes() == b"unsaved"
+    await rootfs.remove()
+    assert not mounted(rootfs.path) and store.list_rootfs() == []
 
 
 @requires_root

@@ -72,6 +72,7 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _OPAQUE_XATTR = "trusted.overlay.opaque"
+_PAX_XATTR = "SCHILY.xattr."
 _MAX_CACHED_DIRS = 256
 _QUEUED_CHUNKS = 4
 _ENTRY_OVERHEAD = 4096
@@ -461,6 +462,7 @@ class _Tree:
                         view = view[os.write(fd, view) :]
             if self.privileged:
                 os.fchown(fd, member.uid, member.gid)
+                _set_xattrs(fd, member)
             os.fchmod(fd, member.mode & self.mode_mask)
             os.utime(fd, ns=_times(member))
         finally:
@@ -484,6 +486,7 @@ class _Tree:
             os.setxattr(fd, _OPAQUE_XATTR, b"y")
         if self.privileged:
             os.fchown(fd, member.uid, member.gid)
+            _set_xattrs(fd, member)
         # Mode and times go on at the end: children would change the mtime, and a
         # read-only mode would stop an unprivileged extraction from filling it.
         self.dir_meta[parts] = (member.mode & self.mode_mask, int(member.mtime * 1e9))
@@ -571,9 +574,8 @@ class _Tree:
         parent = self.dir_fd(victim[:-1], entry, create=True)
         assert parent is not None
         try:
-            os.mknod(victim[-1], stat.S_IFCHR, 0, dir_fd=parent)
-        except FileExistsError:
-            pass  # the same whiteout twice
+            # Whatever is there was made by this layer for other whiteouts: replace it.
+            self.make(parent, victim, lambda: os.mknod(victim[-1], stat.S_IFCHR, 0, dir_fd=parent))
         except PermissionError as exc:
             raise _needs_root(entry) from exc
 
@@ -618,6 +620,18 @@ def _needs_root(entry: str) -> NotSupported:
         hint="extract as root, or apply the layers in flatten mode",
         entry=entry,
     )
+
+
+def _set_xattrs(fd: int, member: tarfile.TarInfo) -> None:
+    """Apply the entry's PAX xattrs in the namespaces an image may set: file capabilities
+    and ``user.*``. Never ``trusted.*`` (an archive must not forge overlayfs' own
+    markers) nor LSM labels (the runtime assigns those)."""
+    for key, value in member.pax_headers.items():
+        if not key.startswith(_PAX_XATTR):
+            continue
+        name = key[len(_PAX_XATTR) :]
+        if name == "security.capability" or name.startswith("user."):
+            os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
 
 
 def _is_whiteout(st: os.stat_result) -> bool:

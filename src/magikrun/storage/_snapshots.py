@@ -146,7 +146,11 @@ def _umount(target: Path) -> None:
     if _libc().umount2(os.fsencode(target), 0) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(err, f"umount {target}: {os.strerror(err)}")
+            raise StorageError(
+                f"cannot unmount {target}: {os.strerror(err)}",
+                hint="stop the processes using the root filesystem, then remove it again",
+                path=str(target),
+            )
 
 
 def _remove_at(dir_fd: int, name: str) -> None:
