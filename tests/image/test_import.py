@@ -19,7 +19,7 @@ from magikrun.errors import (
     PathTraversal,
 )
 from magikrun.image import ImageService, LayerEntry, LayoutWriter, PlatformSpec, build_layer
-from magikrun.image._mediatypes import OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST
+from magikrun.image._mediatypes import OCI_INDEX, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
 from magikrun.platform import Paths
 from magikrun.storage import sha256_digest
 
@@ -324,3 +324,26 @@ async def test_import_picks_the_platform_from_a_nested_index(paths: Paths, short
     assert service.content.has(digests["arm64"]) and not service.content.has(digests["amd64"])
     with pytest.raises(ImageNotFound, match="no manifest for linux/s390x"):
         await service.import_(short_tmp / "layout", platform=PlatformSpec.parse("linux/s390x"))
+
+
+async def test_hostile_layer_undoes_the_whole_import(paths: Paths, short_tmp: Path) -> None:
+    good, good_diff = _layer("etc/good", b"good")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("../escape")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    evil = raw.getvalue()
+    writer = LayoutWriter(short_tmp / "layout")
+    writer.add_image(
+        ref_name="example.local/evil:1",
+        config=_config([good_diff, sha256_digest(evil)]),
+        layers=[(OCI_LAYER_GZIP, good), (OCI_LAYER_TAR, evil)],
+    )
+    writer.write_index()
+    service = ImageService(paths)
+    with pytest.raises(PathTraversal):
+        await service.import_(short_tmp / "layout")
+    _assert_nothing_stored(paths, service)
+    assert not (paths.snapshots / "escape").exists()
+    assert os.listdir(paths.snapshots / "tmp") == []

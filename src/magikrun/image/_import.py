@@ -115,9 +115,12 @@ async def stage_archive(
                     if not store.has(sha256_digest(data)):
                         added.append(store.put(data))
         yield named
-    except BaseException:
+    except BaseException as exc:
         for digest in added:
-            store.delete(digest)
+            try:
+                store.delete(digest)
+            except OSError as cleanup:
+                exc.add_note(f"removing blob {digest} failed: {cleanup!r}")
         raise
 
 

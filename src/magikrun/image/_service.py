@@ -105,7 +105,7 @@ class ImageService:
     ```python
     images = ImageService(Paths.resolve(root))
     image = await images.pull("127.0.0.1:5000/demo/busybox:1")
-    rootfs = images.prepare_rootfs(image, "ctr-1")
+    rootfs = await images.prepare_rootfs(image, "ctr-1")
     ```
     """
 
@@ -189,21 +189,24 @@ class ImageService:
                 created: list[str] = []
                 try:
                     for item in staged:
-                        created += await self._unpack(item.image)
-                except BaseException:
+                        await self._unpack(item.image, created)
+                except BaseException as exc:
                     for key in created:
-                        if self.metadata.snapshot_refcount(key) == 0:
-                            await self.snapshots.remove(key)
+                        try:
+                            if self.metadata.snapshot_refcount(key) == 0:
+                                await self.snapshots.remove(key)
+                        except Exception as cleanup:  # noqa: BLE001 - attached to the original
+                            exc.add_note(f"removing snapshot {key} failed: {cleanup!r}")
                     raise
                 for item in staged:
                     self._record(item.image, item.blobs)
         return [item.image for item in staged]
 
-    async def _unpack(self, image: Image) -> list[str]:
-        """Unpack the image's archive layers bottom-up; returns the snapshots it created."""
+    async def _unpack(self, image: Image, created: builtins.list[str] | None = None) -> None:
+        """Unpack the image's archive layers bottom-up, adding the snapshots it creates to
+        ``created`` as it goes (so a caller can undo them after a failure)."""
         budget = ExtractBudget()
-        below: list[str] = []
-        created: list[str] = []
+        below: builtins.list[str] = []
         for layer in image.layers:
             if layer.media_type not in ARCHIVE_LAYERS:
                 continue
@@ -215,9 +218,9 @@ class ImageService:
                     lowers=below[::-1],
                     budget=budget,
                 )
-                created.append(layer.diff_id)
+                if created is not None:
+                    created.append(layer.diff_id)
             below.append(layer.diff_id)
-        return created
 
     def _record(self, image: Image, blobs: Iterable[str]) -> None:
         size = 0
