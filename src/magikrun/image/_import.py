@@ -191,14 +191,11 @@ def _read_layout(source: ArchiveSource, platform: PlatformSpec | None) -> list[_
     entries = parse_index(read_limited(source, "index.json", MAX_MANIFEST_SIZE, "index"))
     found = []
     for entry in entries:
-        names = [
-            n
-            for n in (
-                entry.annotations.get(CONTAINERD_NAME_ANNOTATION)
-                or entry.annotations.get(REF_NAME_ANNOTATION),
-            )
-            if n and ("/" in n or ":" in n)
-        ]
+        # A ref.name may be a bare tag ("v1"); only a name with a repository is usable.
+        name = entry.annotations.get(CONTAINERD_NAME_ANNOTATION) or entry.annotations.get(
+            REF_NAME_ANNOTATION
+        )
+        names = [name] if name and ("/" in name or ":" in name) else []
         desc, extra = _select_manifest(source, entry, platform, 0)
         data = _read_verified(source, desc, MAX_MANIFEST_SIZE, "manifest")
         manifest = parse_manifest(data)
