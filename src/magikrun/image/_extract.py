@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal, cast
+from typing import TYPE_CHECKING, BinaryIO, Literal, NoReturn, cast
 
 import zstandard
 
@@ -345,7 +345,7 @@ class _Tree:
         self.dirs[parts] = fd
         return fd
 
-    def _refuse_parent(self, parent: int, parts: _Parts, entry: str) -> None:
+    def _refuse_parent(self, parent: int, parts: _Parts, entry: str) -> NoReturn:
         st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
             raise PathTraversal(
@@ -377,19 +377,18 @@ class _Tree:
         for key in [k for k in self.dir_meta if k[:n] == parts]:
             del self.dir_meta[key]
 
-    def remove(self, parent: int, parts: _Parts) -> bool:
-        """Remove ``parts`` (the link itself, never its target); False if it was not there."""
+    def remove(self, parent: int, parts: _Parts) -> None:
+        """Remove ``parts`` if it is there: the link itself, never its target."""
         name = parts[-1]
         try:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
-            return False
+            return
         if stat.S_ISDIR(st.st_mode):
             self.forget(parts)
             shutil.rmtree(name, dir_fd=parent)
         else:
             os.unlink(name, dir_fd=parent)
-        return True
 
     def make(self, parent: int, parts: _Parts, create: Callable[[], int | None]) -> int | None:
         """Run ``create``; if the name is taken, replace what is there and run it again."""
@@ -476,7 +475,8 @@ class _Tree:
         except FileExistsError:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
-                # A whiteout made earlier in this layer: the new directory replaces the lower.
+                # Replace the file or link; if it is this layer's whiteout, the new directory
+                # must also hide the lower one's contents: overlay calls that opaque.
                 opaque = self.mode == "snapshot" and _is_whiteout(st)
                 os.unlink(name, dir_fd=parent)
                 os.mkdir(name, 0o700, dir_fd=parent)
@@ -489,7 +489,7 @@ class _Tree:
             _set_xattrs(fd, member)
         # Mode and times go on at the end: children would change the mtime, and a
         # read-only mode would stop an unprivileged extraction from filling it.
-        self.dir_meta[parts] = (member.mode & self.mode_mask, int(member.mtime * 1e9))
+        self.dir_meta[parts] = (member.mode & self.mode_mask, _times(member)[0])
 
     def _symlink(self, parent: int, parts: _Parts, member: tarfile.TarInfo) -> None:
         if "\x00" in member.linkname:
