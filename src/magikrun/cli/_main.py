@@ -18,6 +18,15 @@ from ..errors import MagikrunError
 # command name -> (module, attribute). Groups and the OCI runtime verbs alike.
 _COMMANDS: dict[str, tuple[str, str]] = {
     "image": ("magikrun.cli._image", "image"),
+    "create": ("magikrun.cli._oci", "create"),
+    "start": ("magikrun.cli._oci", "start"),
+    "state": ("magikrun.cli._oci", "state"),
+    "kill": ("magikrun.cli._oci", "kill"),
+    "delete": ("magikrun.cli._oci", "delete"),
+    "run": ("magikrun.cli._oci", "run"),
+    "exec": ("magikrun.cli._oci", "exec_"),
+    "list": ("magikrun.cli._oci", "list_"),
+    "ps": ("magikrun.cli._oci", "ps"),
     "system": ("magikrun.cli._system", "system"),
 }
 

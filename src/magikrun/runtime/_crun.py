@@ -33,14 +33,14 @@ from ..errors import (
     MagikrunError,
     RuntimeUnavailable,
 )
-from ..platform import (
+from ..platform._limits import (
     CONTAINER_START_TIMEOUT,
     EXEC_TIMEOUT,
     MAX_CONFIG_SIZE,
     MAX_CONTAINERS,
     MAX_SYMLINK_DEPTH,
-    Paths,
 )
+from ..platform._paths import Paths
 from ._monitor import MonitorSpec
 from ._store import ContainerRecord, ContainerStore, process_start_time, validate_container_id
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
@@ -408,7 +408,7 @@ class NativeRuntime:
         console_socket: str | os.PathLike[str] | None = None,
         foreground: bool = False,
     ) -> ContainerState:
-        """Create the container (status ``created``): the process waits for `start`.
+        """Create the container (status ``created``); its process waits for `start`.
 
         With ``foreground`` the container's stdin/stdout/stderr are this process's
         own (as ``magikrun run``) instead of the CRI log.

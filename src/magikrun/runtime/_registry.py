@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import InvalidArgument, InvalidBundle, RuntimeUnavailable
-from ..platform import MAX_CONTAINERS, Paths
+from ..platform._limits import MAX_CONTAINERS
+from ..platform._paths import Paths
 from ._store import ContainerStore
 from ._types import OciRuntime
 

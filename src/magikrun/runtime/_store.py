@@ -28,7 +28,8 @@ from ..errors import (
     InvalidContainerId,
     InvalidState,
 )
-from ..platform import MAX_CONTAINER_ID_LEN, MAX_CONTAINERS, Paths
+from ..platform._limits import MAX_CONTAINER_ID_LEN, MAX_CONTAINERS
+from ..platform._paths import Paths
 from ._monitor import LOG_FILE, read_exit, rfc3339_nano
 from ._types import ContainerState, ContainerStatus
 

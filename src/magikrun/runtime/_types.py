@@ -166,7 +166,10 @@ class OciRuntime(Protocol):
         *,
         pid_file: str | Path | None = None,
         console_socket: str | Path | None = None,
-    ) -> ContainerState: ...
+        foreground: bool = False,
+    ) -> ContainerState:
+        """Create the container; ``foreground`` gives it this process's stdio, not the log."""
+        ...
 
     async def start(self, id: str) -> ContainerState: ...
 
@@ -189,3 +192,7 @@ class OciRuntime(Protocol):
         cwd: str | None = None,
         timeout: float | None = None,
     ) -> ExecResult: ...
+
+    async def ps(self, id: str) -> list[int]:
+        """Host pids of the container's processes."""
+        ...
