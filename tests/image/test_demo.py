@@ -13,6 +13,7 @@ from magikrun.image import (
     HELLO_WASM_DEMO_REF,
     ImageService,
     build_demo_images,
+    open_wasm_module,
     write_demo_layout,
 )
 from magikrun.image._mediatypes import WASM_CONFIG, WASM_LAYER
@@ -67,6 +68,8 @@ async def test_wasm_image_is_an_artifact_that_runs(paths: Paths, short_tmp: Path
     assert service.inspect(HELLO_WASM_DEMO_REF)["manifest"]["config"]["mediaType"] == WASM_CONFIG
     with service.open_blob(layer.digest) as f:
         module_bytes = f.read()
+    with open_wasm_module(hello, service.open_blob) as f:
+        assert f.read() == module_bytes
     engine = wasmtime.Engine()
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
