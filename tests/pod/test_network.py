@@ -6,6 +6,7 @@ that tests run side by side under xdist; every test checks that nothing is left.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -143,6 +144,7 @@ async def pods(paths: Paths) -> AsyncIterator[Pods]:
         assert link.returncode != 0, "the test bridge was left behind"
         rules = _iptables()
         assert [pod for pod in state.ids if f'id: \\"{pod}\\"' in rules] == []
+        assert state.net.name not in rules
 
 
 def _serve(ns: Path, port: int, connections: int = 1) -> subprocess.Popen[str]:
@@ -189,6 +191,7 @@ async def test_two_pods_get_distinct_ips_and_talk(pods: Pods) -> None:
     assert st_a.gateway == str(network.network_address + 1)
     assert st_a.interface == "eth0" and st_a.prefix_length == 24
     assert sorted(pods.ipam_files()) == sorted([st_a.ip, st_b.ip])
+    assert f"-A POSTROUTING -s {pods.subnet} ! -d {pods.subnet}" in _iptables()
     lo = subprocess.run(
         ["nsenter", f"--net={ns_a}", "ip", "-o", "link", "show", "lo"],
         capture_output=True,
@@ -206,6 +209,25 @@ async def test_two_pods_get_distinct_ips_and_talk(pods: Pods) -> None:
         assert _client(ns_b, st_a.ip, 7000) == "HELLO"
     finally:
         _stop(server)
+
+
+async def test_concurrent_adds_get_distinct_ips(pods: Pods) -> None:
+    ids = [pods.new_id() for _ in range(4)]
+    namespaces = [pods.netns(pod) for pod in ids]
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(pods.net.add(p, n)) for p, n in zip(ids, namespaces, strict=True)
+        ]
+    ips = sorted(task.result().ip for task in tasks)
+    assert len(set(ips)) == 4
+    assert sorted(pods.ipam_files()) == ips
+    async with asyncio.TaskGroup() as group:
+        for pod, ns in zip(ids, namespaces, strict=True):
+            group.create_task(pods.net.delete(pod, ns))
+    for pod, ns in zip(ids, namespaces, strict=True):
+        delete_netns(ns)
+        pods.assert_nothing_left(pod)
+    assert pods.ipam_files() == []
 
 
 async def test_host_port_reaches_the_pod_from_loopback(pods: Pods) -> None:

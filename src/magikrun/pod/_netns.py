@@ -14,14 +14,13 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import PodNetworkError
 
-__all__ = ["create_netns", "delete_netns", "has_interface", "is_netns"]
+__all__ = ["create_netns", "delete_netns", "is_netns"]
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
@@ -99,22 +98,6 @@ def _bind_new_netns(path: Path) -> None:
             raise _oserror("unshare", path)
         if _libc.mount(b"/proc/thread-self/ns/net", os.fsencode(path), None, MS_BIND, None) != 0:
             raise _oserror("mount", path)
-
-
-def has_interface(path: Path, name: str) -> bool:
-    """Whether the namespace bound at ``path`` has a network interface called ``name``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with _returning(path):
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise _oserror("setns", path)
-            try:
-                socket.if_nametoindex(name)
-            except OSError:
-                return False
-            return True
-    finally:
-        os.close(fd)
 
 
 def delete_netns(path: Path) -> None:

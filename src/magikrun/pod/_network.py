@@ -2,14 +2,18 @@
 
 Each pod gets a veth on a Linux bridge and an IP from ``host-local`` (``bridge`` plugin),
 ``lo`` up (``loopback``) and its ``hostPort``s forwarded (``portmap``, with SNAT so that
-``127.0.0.1:HOSTPORT`` on the host reaches the pod). The plugins are driven as the CNI 1.0
-spec says: ``CNI_*`` variables, the network config on stdin, the result on stdout, and an
-error document ``{"code", "msg"}`` mapped to :class:`~magikrun.errors.PodNetworkError`.
+``127.0.0.1:HOSTPORT`` on the host reaches the pod); one MASQUERADE rule per subnet lets
+pods reach beyond the host (the bridge plugin enables IPv4 forwarding). The plugins are
+driven as the CNI 1.0 spec says: ``CNI_*`` variables, the network config on stdin, the
+result on stdout, and an error document ``{"code", "msg"}`` mapped to
+:class:`~magikrun.errors.PodNetworkError`.
 
 Per root: IP allocations live under the root's run dir (``run/cni/ipam``), so two roots
 never share them. The bridge name and subnet are per host, though: two roots on one host
 must each be given their own ``bridge`` and ``subnet`` (the defaults, ``magikrun0`` and
-``10.89.0.0/16``, stay clear of podman's ``10.88.0.0/16``).
+``10.89.0.0/16``, stay clear of podman's ``10.88.0.0/16``). The bridge and the masquerade
+rule stay after the last pod is gone, as with every CNI runtime; :meth:`PodNetwork.remove_bridge`
+removes them.
 
 Every attachment is recorded in ``run/cni/pods/<pod_id>.json`` *before* the first plugin
 runs and removed only after a successful DEL, so :meth:`PodNetwork.delete` can always undo
@@ -29,12 +33,13 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +48,7 @@ from .. import _process
 from ..errors import InvalidArgument, MagikrunError, MagikrunTimeout, PodNetworkError
 from ..platform import Paths
 from ..platform._limits import CNI_PLUGIN_TIMEOUT
-from ._netns import create_netns, delete_netns, has_interface, is_netns
+from ._netns import create_netns, delete_netns, is_netns
 from ._spec import PodSpec
 
 __all__ = [
@@ -164,6 +169,7 @@ class PodNetwork:
         self._records = paths.run / "cni" / "pods"
         self._ipam = paths.run / "cni" / "ipam"
         self._netns_dir = paths.run / "netns"
+        self._masquerading = False
 
     def netns_path(self, pod_id: str) -> Path:
         """Where the pod's network namespace is bound (make it with :func:`create_netns`)."""
@@ -171,17 +177,22 @@ class PodNetwork:
         self._netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self._netns_dir / pod_id
 
-    def _config(self, port_mappings: Sequence[PortMapping]) -> list[dict[str, Any]]:
-        """The plugin chain, each plugin's config complete (name and version included)."""
+    def _config(self, port_mappings: Sequence[PortMapping]) -> dict[str, Any]:
+        """The attachment record: ``lo``'s config and the plugin chain, each config complete.
+
+        ``lo`` is a network of its own (as containerd and CRI-O do it), so it comes up while
+        the bridge plugin works. Masquerading is one rule per subnet (see
+        :meth:`_ensure_masquerade`), not the bridge plugin's ``ipMasq`` chain per pod, which
+        doubles the time of ADD and DEL and leaks when DEL finds the namespace gone.
+        """
         common = {"cniVersion": CNI_VERSION, "name": self.name}
         chain: list[dict[str, Any]] = [
-            {**common, "type": "loopback"},
             {
                 **common,
                 "type": "bridge",
                 "bridge": self.bridge,
                 "isGateway": True,
-                "ipMasq": True,
+                "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {
                     "type": "host-local",
@@ -201,7 +212,7 @@ class PodNetwork:
                     "runtimeConfig": {"portMappings": [m.to_cni() for m in port_mappings]},
                 }
             )
-        return chain
+        return {"loopback": {**common, "type": "loopback"}, "chain": chain, "result": None}
 
     async def add(
         self, pod_id: str, netns_path: Path, port_mappings: Iterable[PortMapping] = ()
@@ -218,8 +229,9 @@ class PodNetwork:
                 hint="create it first with create_netns()",
                 pod_id=pod_id,
             )
-        chain = self._config(list(port_mappings))
-        for plugin in (*(p["type"] for p in chain), "host-local"):
+        record = self._config(list(port_mappings))
+        plugins = ["loopback", "host-local", *(p["type"] for p in record["chain"])]
+        for plugin in plugins:
             if not os.access(self.plugin_dir / plugin, os.X_OK):
                 raise PodNetworkError(
                     f"CNI plugin {self.plugin_dir / plugin} is not installed",
@@ -227,33 +239,39 @@ class PodNetwork:
                     pod_id=pod_id,
                     plugin=plugin,
                 )
-        record = self._record_path(pod_id)
-        if record.exists():
+        if self._record_path(pod_id).exists():
             raise PodNetworkError(
                 f"pod {pod_id} is already attached to the network",
                 hint="delete its attachment first",
                 pod_id=pod_id,
             )
-        self._write_record(pod_id, {"netns": str(netns_path), "chain": chain, "result": None})
+        self._write_record(pod_id, record)
+        netns = str(netns_path)
         try:
-            result: dict[str, Any] | None = None
-            for plugin in chain:
-                conf = dict(plugin)
-                if result is not None:
-                    conf["prevResult"] = result
-                result = await self._call("ADD", plugin["type"], pod_id, str(netns_path), conf)
-                if plugin["type"] == "bridge":
-                    self._write_record(
-                        pod_id, {"netns": str(netns_path), "chain": chain, "result": result}
-                    )
-            assert result is not None
-            return _status(pod_id, result)
+            await self._ensure_masquerade()
+            result = await _together(
+                self._call("ADD", "loopback", pod_id, netns, record["loopback"]),
+                self._add_chain(pod_id, netns, record),
+            )
+            return _status(pod_id, result[1])
         except BaseException as exc:
             try:
                 await self.delete(pod_id, netns_path)
             except MagikrunError as cleanup:
                 exc.add_note(f"undoing the network attachment failed too: {cleanup}")
             raise
+
+    async def _add_chain(self, pod_id: str, netns: str, record: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] | None = None
+        for plugin in record["chain"]:
+            conf = dict(plugin)
+            if result is not None:
+                conf["prevResult"] = result
+            result = await self._call("ADD", plugin["type"], pod_id, netns, conf)
+            if plugin["type"] == "bridge":
+                self._write_record(pod_id, {**record, "result": result})
+        assert result is not None
+        return result
 
     async def check(self, pod_id: str, netns_path: Path) -> NetworkStatus:
         """Ask the plugins whether the attachment is still as ADD made it (CNI CHECK).
@@ -275,48 +293,91 @@ class PodNetwork:
         return _status(pod_id, result)
 
     async def delete(self, pod_id: str, netns_path: Path) -> None:
-        """Detach the pod: free its IP, remove its veth and iptables rules. Idempotent.
+        """Detach the pod: free its IP, remove its veth and port forwards. Idempotent.
 
-        Works when the namespace or its interface is already gone: then a scratch namespace
-        holding the pod's old address stands in, so the bridge plugin finds and removes its
-        masquerade rules (it learns the addresses from the pod's interface, not from
-        prevResult, and would silently leave them otherwise).
+        Works when the namespace is already gone (the plugins are then told no namespace):
+        the IP and the port forwards are still freed, and the kernel removed the veth with
+        the namespace.
         """
         _check_id(pod_id)
         record = self._read_record(pod_id)
         if record is None:
             return
-        result: dict[str, Any] | None = record.get("result")
-        chain: list[dict[str, Any]] = record["chain"]
-        addresses = [str(ip["address"]) for ip in (result or {}).get("ips", [])]
         alive = is_netns(netns_path)
-        target = str(netns_path) if alive else ""
-        scratch: Path | None = None
-        if (
-            addresses
-            and not (alive and has_interface(netns_path, POD_INTERFACE))
-            and await self._has_masquerade(pod_id)
-        ):
-            scratch = self._netns_dir / f".del-{pod_id}"
-            self._netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            delete_netns(scratch)
-            create_netns(scratch)
-        try:
-            if scratch is not None:
-                await self._fake_interface(scratch, addresses)
-            for plugin in reversed(chain):
-                kind = plugin["type"]
-                if kind == "loopback" and not alive:
-                    continue
-                conf = dict(plugin)
-                if result is not None:
-                    conf["prevResult"] = result
-                netns = str(scratch) if kind == "bridge" and scratch is not None else target
-                await self._call("DEL", kind, pod_id, netns, conf)
-        finally:
-            if scratch is not None:
-                delete_netns(scratch)
+        netns = str(netns_path) if alive else ""
+        result: dict[str, Any] | None = record.get("result")
+
+        async def delete_chain() -> None:
+            for plugin in reversed(record["chain"]):
+                conf = dict(plugin) if result is None else {**plugin, "prevResult": result}
+                await self._call("DEL", plugin["type"], pod_id, netns, conf)
+
+        steps: list[Coroutine[Any, Any, Any]] = [delete_chain()]
+        if alive:
+            steps.append(self._call("DEL", "loopback", pod_id, netns, record["loopback"]))
+        await _together(*steps)
         self._record_path(pod_id).unlink(missing_ok=True)
+
+    def _masquerade_rule(self) -> list[str]:
+        return [
+            "POSTROUTING",
+            "-s",
+            self.subnet,
+            "!",
+            "-d",
+            self.subnet,
+            "-m",
+            "comment",
+            "--comment",
+            f"{self.name}: masquerade pods",
+            "-j",
+            "MASQUERADE",
+        ]
+
+    async def _iptables(self, action: str) -> int:
+        done = await _process.run(
+            ["iptables", "-w", "-t", "nat", action, *self._masquerade_rule()],
+            timeout=CNI_PLUGIN_TIMEOUT,
+        )
+        return done.returncode
+
+    async def _ensure_masquerade(self) -> None:
+        """Masquerade traffic from the pods' subnet to anywhere else, so pods reach out."""
+        if self._masquerading:
+            return
+        if await self._iptables("-C") != 0 and await self._iptables("-A") != 0:
+            raise PodNetworkError(
+                f"cannot add the masquerade rule for {self.subnet}",
+                hint="check that iptables works (iptables -t nat -S)",
+                subnet=self.subnet,
+            )
+        self._masquerading = True
+
+    async def remove_bridge(self) -> None:
+        """Delete the bridge and its masquerade rule once no pod of this root is attached.
+
+        The CNI plugins never delete a bridge; ``magikrun system gc`` and tests do it here.
+        """
+        if self._records.is_dir() and any(self._records.glob("*.json")):
+            raise PodNetworkError(
+                f"pods of this root are still attached to {self.bridge}",
+                hint="delete the pods first",
+                bridge=self.bridge,
+            )
+        while await self._iptables("-C") == 0:
+            if await self._iptables("-D") != 0:
+                raise PodNetworkError(
+                    f"cannot remove the masquerade rule for {self.subnet}", subnet=self.subnet
+                )
+        self._masquerading = False
+        done = await _process.run(
+            ["ip", "link", "del", "dev", self.bridge, "type", "bridge"], timeout=CNI_PLUGIN_TIMEOUT
+        )
+        if done.returncode != 0 and b"Cannot find device" not in done.stderr:
+            raise PodNetworkError(
+                f"cannot delete bridge {self.bridge}: {done.stderr.decode(errors='replace')}",
+                bridge=self.bridge,
+            )
 
     async def _call(
         self, command: str, plugin: str, pod_id: str, netns: str, conf: dict[str, Any]
@@ -376,56 +437,6 @@ class PodNetwork:
             )
         return parsed
 
-    async def _has_masquerade(self, pod_id: str) -> bool:
-        """Whether the bridge plugin's masquerade rules for the pod are still there.
-
-        The plugin's DEL fails when it is told of addresses whose rules are gone, so the
-        scratch namespace is made only while they exist (a DEL cut short may have removed
-        them already).
-        """
-        done = await _process.run(["iptables-save", "-t", "nat"], timeout=CNI_PLUGIN_TIMEOUT)
-        if done.returncode != 0:
-            raise PodNetworkError(
-                f"iptables-save failed: {done.stderr.decode(errors='replace').strip()}",
-                pod_id=pod_id,
-            )
-        comment = f'name: \\"{self.name}\\" id: \\"{pod_id}\\"'
-        return comment in done.stdout.decode(errors="replace")
-
-    async def remove_bridge(self) -> None:
-        """Delete the bridge once no pod of this root is attached (the plugins never do)."""
-        if self._records.is_dir() and any(self._records.glob("*.json")):
-            raise PodNetworkError(
-                f"pods of this root are still attached to {self.bridge}",
-                hint="delete the pods first",
-                bridge=self.bridge,
-            )
-        done = await _process.run(
-            ["ip", "link", "del", "dev", self.bridge, "type", "bridge"], timeout=CNI_PLUGIN_TIMEOUT
-        )
-        if done.returncode != 0 and b"Cannot find device" not in done.stderr:
-            raise PodNetworkError(
-                f"cannot delete bridge {self.bridge}: {done.stderr.decode(errors='replace')}",
-                bridge=self.bridge,
-            )
-
-    async def _fake_interface(self, netns: Path, addresses: list[str]) -> None:
-        """Give the scratch namespace an interface named as the pod's, with its addresses."""
-        script = f"link add {POD_INTERFACE} type veth peer name {POD_INTERFACE}p\n" + "".join(
-            f"addr add {ipaddress.ip_interface(a).with_prefixlen} dev {POD_INTERFACE}\n"
-            for a in addresses
-        )
-        done = await _process.run(
-            ["nsenter", f"--net={netns}", "ip", "-batch", "-"],
-            input=script.encode(),
-            timeout=CNI_PLUGIN_TIMEOUT,
-        )
-        if done.returncode != 0:
-            raise PodNetworkError(
-                f"cannot prepare {netns} to remove the pod's masquerade rules:"
-                f" {done.stderr.decode(errors='replace').strip()}",
-            )
-
     def _record_path(self, pod_id: str) -> Path:
         return self._records / f"{pod_id}.json"
 
@@ -458,6 +469,20 @@ class PodNetwork:
         if not isinstance(record, dict):
             raise PodNetworkError(f"the network record of pod {pod_id} is corrupt: {path}")
         return record
+
+
+async def _together(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Run steps concurrently in a task group; fail with the first error, not a group."""
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(step) for step in steps]
+    except BaseExceptionGroup as group_error:
+        first, *others = group_error.exceptions
+        for other in others:
+            first.add_note(f"and at the same time: {other}")
+        raise first from None
+    return [task.result() for task in tasks]
 
 
 def _check_id(pod_id: str) -> None:
