@@ -34,7 +34,8 @@ from magikrun.storage import Rootfs, SnapshotStore
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (overlay mounts)")
 
 Spec = dict[str, object]
-"""path -> bytes (file), "dir", "opaque" (opaque dir), "whiteout", ("link", target)."""
+"""path -> bytes (file), "dir", "opaque" / "user-opaque" (opaque dir as root / as an
+unprivileged extraction marks it), "whiteout", ("link", target)."""
 
 
 def digest(name: str) -> str:
@@ -49,10 +50,12 @@ def filler(spec: Spec) -> Callable[[int], None]:
             path.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(what, bytes):
                 path.write_bytes(what)
-            elif what in ("dir", "opaque"):
+            elif what in ("dir", "opaque", "user-opaque"):
                 path.mkdir(exist_ok=True)
                 if what == "opaque":
                     os.setxattr(path, "trusted.overlay.opaque", b"y")
+                elif what == "user-opaque":
+                    os.setxattr(path, "user.overlay.opaque", b"y")
             elif what == "whiteout":
                 os.mknod(path, stat.S_IFCHR, 0)
             else:
@@ -237,6 +240,17 @@ async def test_copy_fallback_gives_the_same_tree(paths: Paths) -> None:
     await overlay.remove()
     await copy.remove()
     assert store.list_rootfs() == []
+
+
+async def test_copy_fallback_honours_unprivileged_opaque_marker(paths: Paths) -> None:
+    store = SnapshotStore(paths)
+    layers = [
+        await snapshot(store, "base", {"d/old": b"old", "d/sub/old": b"old"}),
+        await snapshot(store, "top", {"d": "user-opaque", "d/new": b"new"}),
+    ]
+    rootfs = await store.prepare_rootfs("cp", layers, method="copy")
+    assert sorted(tree(rootfs.path)) == ["d", "d/new"]
+    await rootfs.remove()
 
 
 @requires_root

@@ -72,6 +72,9 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _OPAQUE_XATTR = "trusted.overlay.opaque"
+_USER_OPAQUE_XATTR = "user.overlay.opaque"
+"""What overlayfs reads instead when mounted with ``userxattr`` (rootless, in a user
+namespace); unprivileged snapshots use it, as trusted.* needs CAP_SYS_ADMIN."""
 _PAX_XATTR = "SCHILY.xattr."
 _MAX_CACHED_DIRS = 256
 _QUEUED_CHUNKS = 4
@@ -300,6 +303,8 @@ class _Tree:
         self.lowers = lowers
         self.privileged = privileged
         self.mode_mask = 0o7777 if privileged else 0o1777
+        # Which opaque marker works depends on what we are, not on what we keep.
+        self.is_root = os.geteuid() == 0
         self.dirs: dict[_Parts, int] = {}
         self.dir_meta: dict[_Parts, tuple[int, int]] = {}
         self.created: set[_Parts] = set()
@@ -483,7 +488,7 @@ class _Tree:
         fd = self.dir_fd(parts, member.name, create=False)
         assert fd is not None
         if opaque:
-            os.setxattr(fd, _OPAQUE_XATTR, b"y")
+            self._mark_opaque(fd)
         if self.privileged:
             os.fchown(fd, member.uid, member.gid)
             _set_xattrs(fd, member)
@@ -577,18 +582,23 @@ class _Tree:
             # Whatever is there was made by this layer for other whiteouts: replace it.
             self.make(parent, victim, lambda: os.mknod(victim[-1], stat.S_IFCHR, 0, dir_fd=parent))
         except PermissionError as exc:
-            raise _needs_root(entry) from exc
+            raise NotSupported(
+                f"whiteout {entry!r} needs root in snapshot mode on this kernel (before "
+                "Linux 5.8 only root may create overlay whiteout devices)",
+                hint="extract as root, or apply the layers in flatten mode",
+                entry=entry,
+            ) from exc
 
     def _opaque(self, parts: _Parts, entry: str) -> None:
         fd = self.dir_fd(parts, entry, create=True)
         assert fd is not None
         if self.mode == "snapshot":
-            try:
-                os.setxattr(fd, _OPAQUE_XATTR, b"y")
-            except PermissionError as exc:
-                raise _needs_root(entry) from exc
+            self._mark_opaque(fd)
         else:
             self._clear_lower(fd, parts)
+
+    def _mark_opaque(self, fd: int) -> None:
+        os.setxattr(fd, _OPAQUE_XATTR if self.is_root else _USER_OPAQUE_XATTR, b"y")
 
     def _clear_lower(self, fd: int, parts: _Parts) -> None:
         """Empty a directory of everything this layer did not put there."""
@@ -613,24 +623,17 @@ class _Tree:
             os.utime(fd, ns=(mtime, mtime))
 
 
-def _needs_root(entry: str) -> NotSupported:
-    return NotSupported(
-        f"whiteout {entry!r} needs root in snapshot mode (overlay marks opaque directories "
-        "with trusted.* xattrs; kernels before 5.8 also reserve whiteout devices to root)",
-        hint="extract as root, or apply the layers in flatten mode",
-        entry=entry,
-    )
-
-
 def _set_xattrs(fd: int, member: tarfile.TarInfo) -> None:
     """Apply the entry's PAX xattrs in the namespaces an image may set: file capabilities
-    and ``user.*``. Never ``trusted.*`` (an archive must not forge overlayfs' own
-    markers) nor LSM labels (the runtime assigns those)."""
+    and ``user.*``. Never overlayfs' own markers (``trusted.*``, ``user.overlay.*``): an
+    archive must not forge them. Nor LSM labels: the runtime assigns those."""
     for key, value in member.pax_headers.items():
         if not key.startswith(_PAX_XATTR):
             continue
         name = key[len(_PAX_XATTR) :]
-        if name == "security.capability" or name.startswith("user."):
+        if name == "security.capability" or (
+            name.startswith("user.") and not name.startswith("user.overlay.")
+        ):
             os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
 
 

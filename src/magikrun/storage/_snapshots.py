@@ -53,7 +53,7 @@ _T = TypeVar("_T")
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HEX = re.compile(r"[a-f0-9]{64}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPAQUE_XATTR = "trusted.overlay.opaque"
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _MS_RDONLY = 1
 _STATE = "state.json"
 
@@ -166,12 +166,16 @@ def _remove_at(dir_fd: int, name: str) -> None:
 
 
 def _is_opaque(fd: int) -> bool:
-    try:
-        return os.getxattr(fd, _OPAQUE_XATTR) == b"y"
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            return False
-        raise
+    """Whether a snapshot directory is opaque: ``trusted.overlay.opaque`` as root makes
+    it, ``user.overlay.opaque`` as an unprivileged extraction does."""
+    for name in _OPAQUE_XATTRS:
+        try:
+            if os.getxattr(fd, name) == b"y":
+                return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+    return False
 
 
 def _copy_meta(st: os.stat_result, name: str | int, dir_fd: int | None, owner: bool) -> None:
