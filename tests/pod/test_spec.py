@@ -76,6 +76,8 @@ spec:
     - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
     - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
     - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+    - {name: POD_IPS, valueFrom: {fieldRef: {fieldPath: status.podIPs}}}
+    - {name: NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
     - {name: TIER, valueFrom: {fieldRef: {fieldPath: "metadata.labels['tier']"}}}
     - {name: URL, value: "http://$(POD_IP):8080"}
     envFrom:
@@ -194,7 +196,9 @@ def test_env_resolution_and_argv() -> None:
     assert "OPTIONAL" not in by_name
     assert by_name["POD_IP"] == EnvVar(name="POD_IP", field_ref="status.podIP")
     assert by_name["CFG_color"].value == "blue"
-    env = resolve_env(app, spec, RuntimeFields(pod_ip="10.89.0.7"))
+    env = resolve_env(app, spec, RuntimeFields(pod_ip="10.89.0.7", node_name="host1"))
+    assert env["POD_IPS"] == "10.89.0.7"
+    assert env["NODE"] == "host1"
     assert env["POD_NAME"] == "web.example"
     assert env["POD_NAMESPACE"] == "shop"
     assert env["POD_IP"] == "10.89.0.7"

@@ -109,18 +109,24 @@ _POD_ID_READABLE_LEN = 63
 
 
 class PullPolicy(StrEnum):
+    """When to pull: the default is ``Always`` for ``:latest`` or untagged images."""
+
     ALWAYS = "Always"
     IF_NOT_PRESENT = "IfNotPresent"
     NEVER = "Never"
 
 
 class Protocol(StrEnum):
+    """A container port's protocol (``TCP`` unless the manifest says otherwise)."""
+
     TCP = "TCP"
     UDP = "UDP"
     SCTP = "SCTP"
 
 
 class RestartPolicy(StrEnum):
+    """What the pod's monitor does when a container exits (``Always`` by default)."""
+
     ALWAYS = "Always"
     ON_FAILURE = "OnFailure"
     NEVER = "Never"
@@ -136,6 +142,8 @@ class DnsPolicy(StrEnum):
 
 
 class HostPathType(StrEnum):
+    """What a hostPath must be, checked (or created) before the mount; unset checks nothing."""
+
     UNSET = ""
     DIRECTORY_OR_CREATE = "DirectoryOrCreate"
     DIRECTORY = "Directory"
@@ -146,7 +154,14 @@ class HostPathType(StrEnum):
     BLOCK_DEVICE = "BlockDevice"
 
 
-_RUNTIME_FIELDS = ("metadata.uid", "spec.nodeName", "status.hostIP", "status.podIP")
+_RUNTIME_FIELDS = (
+    "metadata.uid",
+    "spec.nodeName",
+    "status.hostIP",
+    "status.hostIPs",
+    "status.podIP",
+    "status.podIPs",
+)
 _FIELD_REF = re.compile(r"metadata\.(labels|annotations)\['([^']*)'\]")
 
 
@@ -519,7 +534,9 @@ def resolve_env(
         "metadata.uid": spec.metadata.uid or values.pod_uid,
         "spec.nodeName": values.node_name,
         "status.hostIP": values.host_ip,
+        "status.hostIPs": values.host_ip,
         "status.podIP": values.pod_ip,
+        "status.podIPs": values.pod_ip,
     }
     env: dict[str, str] = {}
     for var in container.env:
