@@ -26,6 +26,8 @@ __all__ = [
     "MAX_LAYER_SIZE",
     "MAX_MANIFEST_SIZE",
     "MAX_MEMORY_BYTES",
+    "MAX_PATH_DEPTH",
+    "MAX_PATH_LEN",
     "MAX_POD_CONTAINERS",
     "MAX_POD_ENV_VARS",
     "MAX_POD_SPEC_DEPTH",
@@ -121,3 +123,7 @@ TOOL_VERSION_TIMEOUT = 5.0
 """Seconds a backend program (crun, qemu, ...) may take to answer ``--version``."""
 CNI_PLUGIN_TIMEOUT = 30.0
 """Seconds one CNI plugin call (ADD, DEL, CHECK) may take."""
+MAX_PATH_LEN = 4096
+"""Bytes of one layer entry's path or link target (Linux's PATH_MAX)."""
+MAX_PATH_DEPTH = 256
+"""Components of one layer entry's path: bounds the recursion over extracted trees."""
