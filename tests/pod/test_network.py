@@ -221,6 +221,7 @@ async def test_concurrent_adds_get_distinct_ips(pods: Pods) -> None:
     ips = sorted(task.result().ip for task in tasks)
     assert len(set(ips)) == 4
     assert sorted(pods.ipam_files()) == ips
+    assert pods.net.attached() == sorted(ids)
     async with asyncio.TaskGroup() as group:
         for pod, ns in zip(ids, namespaces, strict=True):
             group.create_task(pods.net.delete(pod, ns))
@@ -228,6 +229,7 @@ async def test_concurrent_adds_get_distinct_ips(pods: Pods) -> None:
         delete_netns(ns)
         pods.assert_nothing_left(pod)
     assert pods.ipam_files() == []
+    assert pods.net.attached() == []
 
 
 async def test_host_port_reaches_the_pod_from_loopback(pods: Pods) -> None:

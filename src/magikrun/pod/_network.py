@@ -177,6 +177,12 @@ class PodNetwork:
         self._netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self._netns_dir / pod_id
 
+    def attached(self) -> list[str]:
+        """Ids of the pods with an attachment record: what ``system gc`` checks for orphans."""
+        if not self._records.is_dir():
+            return []
+        return sorted(p.stem for p in self._records.glob("*.json") if _ID.fullmatch(p.stem))
+
     def _config(self, port_mappings: Sequence[PortMapping]) -> dict[str, Any]:
         """The attachment record: ``lo``'s config and the plugin chain, each config complete.
 
