@@ -228,6 +228,16 @@ def test_root_as_link_is_rejected(site: Site, mode: str, entry: Entry) -> None:
         site.apply(tar(reg("ok"), entry), mode=mode)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "name", ["d/" * 300 + "f", "x" * 200 + "/" + "y" * 200 + "/" + "z" * 4000], ids=["deep", "long"]
+)
+def test_overlong_paths_are_rejected(site: Site, mode: str, name: str) -> None:
+    with rejects(UnsafeLayer, "has a path over 4096 bytes or 256 components", name):
+        site.apply(tar(pax_name(name, reg("x"))), mode=mode)
+    assert os.listdir(site.base / "root") == []
+
+
 def test_nul_in_symlink_target_is_rejected(site: Site) -> None:
     link = sym("l", "x")
     link[0].pax_headers = {"linkpath": "/outside\x00/secret"}
@@ -331,6 +341,14 @@ def test_hardlink_within_layer(site: Site, mode: str) -> None:
     root = site.base / "root"
     assert (root / "b").read_bytes() == b"same"
     assert (root / "b").stat().st_ino == (root / "a" / "f").stat().st_ino
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hardlink_to_a_symlink_links_the_symlink(site: Site, mode: str) -> None:
+    site.apply(tar(sym("s", str(site.outside / "secret")), hard("h", "s")), mode=mode)
+    root = site.base / "root"
+    assert (root / "h").is_symlink()
+    assert (root / "h").lstat().st_ino == (root / "s").lstat().st_ino
 
 
 def test_hardlink_to_lower_layer_in_snapshot_mode(site: Site) -> None:

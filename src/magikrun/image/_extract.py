@@ -52,7 +52,13 @@ from ..errors import (
     UnsafeLayer,
     UnsupportedMediaType,
 )
-from ..platform import MAX_FILES_PER_LAYER, MAX_LAYER_SIZE, MAX_ROOTFS_SIZE
+from ..platform import (
+    MAX_FILES_PER_LAYER,
+    MAX_LAYER_SIZE,
+    MAX_PATH_DEPTH,
+    MAX_PATH_LEN,
+    MAX_ROOTFS_SIZE,
+)
 from ._mediatypes import ARCHIVE_LAYERS
 from ._model import Layer
 
@@ -287,6 +293,13 @@ def _split(name: str, entry: str, what: str = "entry") -> _Parts:
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise PathTraversal(f"{what} {entry!r} has a '..' component in {name!r}", entry=entry)
+    if len(parts) > MAX_PATH_DEPTH or len(os.fsencode(name)) > MAX_PATH_LEN:
+        raise UnsafeLayer(
+            f"{what} {entry[:200]!r} has a path over {MAX_PATH_LEN} bytes or "
+            f"{MAX_PATH_DEPTH} components",
+            entry=entry,
+            limit=MAX_PATH_DEPTH,
+        )
     return parts
 
 
