@@ -11,18 +11,23 @@ registry client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +52,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RegistryServer:
     """A docker-registry process on 127.0.0.1 with a private storage directory."""
 
-    def __init__(self, *, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, users: dict[str, str] | None = None, token: TokenServer | None = None
+    ) -> None:
         self.users = dict(users or {})
+        self.token = token
         self.dir = Path(tempfile.mkdtemp(prefix="mk-reg-", dir="/tmp"))
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -81,6 +89,15 @@ class RegistryServer:
             (self.dir / "htpasswd").write_text("\n".join(lines) + "\n")
             config["auth"] = {
                 "htpasswd": {"realm": "magikrun-test", "path": str(self.dir / "htpasswd")}
+            }
+        if self.token is not None:
+            config["auth"] = {
+                "token": {
+                    "realm": self.token.realm,
+                    "service": self.token.service,
+                    "issuer": self.token.issuer,
+                    "rootcertbundle": str(self.token.cert),
+                }
             }
         for _ in range(5):
             self.port = free_port()
@@ -127,6 +144,114 @@ class RegistryServer:
     def stop(self) -> None:
         self._terminate()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TokenServer:
+    """A token service as the distribution spec describes it, for a real Bearer flow.
+
+    Checks Basic credentials against ``users`` (anonymous callers may only pull
+    repositories under ``public/``), and answers with an RS256 JWT signed by a key
+    made here, whose certificate the registry is configured to trust.
+    """
+
+    service = "magikrun-test-registry"
+    issuer = "magikrun-test-issuer"
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = dict(users)
+        self.dir = Path(tempfile.mkdtemp(prefix="mk-tok-", dir="/tmp"))
+        self.key, self.cert = self.dir / "key.pem", self.dir / "cert.pem"
+        self.requests: list[tuple[str, dict[str, list[str]]]] = []
+        """(Authorization header, query) of every token request."""
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=magikrun-test-token", "-keyout", str(self.key),
+             "-out", str(self.cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        public_pem = subprocess.run(
+            ["openssl", "x509", "-in", str(self.cert), "-pubkey", "-noout"],
+            check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        public_der = subprocess.run(
+            ["openssl", "pkey", "-pubin", "-outform", "DER"],
+            input=public_pem, check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        # libtrust's key id: sha256 of the DER public key, 240 bits, base32 in groups of 4.
+        b32 = base64.b32encode(hashlib.sha256(public_der).digest()[:30]).decode()
+        self.kid = ":".join(b32[i : i + 4] for i in range(0, len(b32), 4))
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def realm(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}/token"
+
+    def start(self) -> TokenServer:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, body = outer._answer(self.path, self.headers.get("Authorization", ""))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _answer(self, path: str, authorization: str) -> tuple[int, bytes]:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        self.requests.append((authorization, query))
+        subject = ""
+        if authorization:
+            scheme, _, encoded = authorization.partition(" ")
+            user, _, password = base64.b64decode(encoded).decode().partition(":")
+            if scheme != "Basic" or self.users.get(user) != password:
+                return 401, b'{"details":"bad credentials"}'
+            subject = user
+        access = []
+        for scope in query.get("scope", []):
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind == "repository" and (subject or name.startswith("public/")):
+                granted = actions.split(",") if subject else ["pull"]
+                access.append({"type": kind, "name": name, "actions": granted})
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
+        header = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
+        signing_input = f"{_b64url(canonical_json(header))}.{_b64url(canonical_json(claims))}"
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(), check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        token = f"{signing_input}.{_b64url(signature)}"
+        return 200, json.dumps({"token": token, "expires_in": 300}).encode()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 # -- a loopback HTTP tap -------------------------------------------------------

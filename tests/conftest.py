@@ -62,3 +62,18 @@ def auth_registry() -> Iterator[RegistryServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry() -> Iterator[RegistryServer]:
+    """docker-registry with Bearer token auth, and its token service (``.token``) on loopback:
+    REGISTRY_USERS may push and pull, anonymous callers may pull ``public/*``."""
+    from _registry import RegistryServer, TokenServer
+
+    token = TokenServer(REGISTRY_USERS).start()
+    server = RegistryServer(token=token)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        token.stop()

@@ -328,8 +328,11 @@ async def test_concurrent_pulls_share_one_download(registry: RegistryServer, pat
             await push_image(client, repo, f"v{i}", image)
     store = ContentStore(paths)
     async with HttpTap(upstream=registry.host) as tap:
-        refs = [f"{tap.address}/{repo}:v{i % 4}" for i in range(8)]
-        pulled = await asyncio.gather(*(pull(ref, store) for ref in refs))
+        async with asyncio.TaskGroup() as tasks:
+            running = [
+                tasks.create_task(pull(f"{tap.address}/{repo}:v{i % 4}", store)) for i in range(8)
+            ]
+        pulled = [task.result() for task in running]
     assert {p.layers[0].digest for p in pulled} == {sha256_digest(shared)}
     assert len(tap.gets(f"/blobs/{sha256_digest(shared)}")) == 1
     for image in images:
@@ -443,3 +446,42 @@ async def test_whole_pull_timeout(paths: Paths) -> None:
         with pytest.raises(MagikrunTimeout, match=r"longer than 0\.5 seconds"):
             await pull(f"{tap.address}/x/y:v1", ContentStore(paths), timeout=0.5)
         never.set()
+
+
+async def test_bearer_token_registry(
+    token_registry: RegistryServer, paths: Paths, short_tmp: Path
+) -> None:
+    token = token_registry.token
+    no_auths = str(_auth_file(short_tmp / "none.json", {}))
+    assert token is not None
+    image = make_image([file_layer({"t": b"token"}), file_layer({"u": b"two"})])
+    public, private = unique_repo("public"), unique_repo("private")
+    for repo in (public, private):
+        async with RegistryClient.for_reference(
+            _ref(token_registry.host, repo), creds=CREDS
+        ) as client:
+            await push_image(client, repo, "v1", image)
+    store = ContentStore(paths)
+
+    before = len(token.requests)
+    pulled = await pull(f"{token_registry.host}/{public}:v1", store, creds=None, auth_file=no_auths)
+    assert pulled.manifest_digest == image.digest
+    anonymous = token.requests[before:]
+    assert len(anonymous) == 1, "one token per scope, reused for manifest and all blobs"
+    assert anonymous[0][0] == ""
+    assert anonymous[0][1]["scope"] == [f"repository:{public}:pull"]
+    assert anonymous[0][1]["service"] == [token.service]
+
+    other = ContentStore(Paths.resolve(paths.data / "other").ensure())
+    with pytest.raises(RegistryAuthError, match="refused access"):
+        await pull(f"{token_registry.host}/{private}:v1", other, auth_file=no_auths)
+    with pytest.raises(RegistryAuthError, match="refused the credentials"):
+        await pull(f"{token_registry.host}/{private}:v1", other, creds=f"{USER}:wrong")
+    assert set(other.list()) == set()
+
+    before = len(token.requests)
+    pulled = await pull(f"{token_registry.host}/{private}:v1", other, creds=CREDS)
+    assert pulled.manifest_digest == image.digest
+    assert [r[0] for r in token.requests[before:]] == [
+        f"Basic {base64.b64encode(CREDS.encode()).decode()}"
+    ]

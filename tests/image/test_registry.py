@@ -219,3 +219,28 @@ async def test_manifest_digest_checked_when_pinned() -> None:
             await client.get_manifest(Reference.parse(f"{REGISTRY}/app/x@{other}"))
         with pytest.raises(DigestMismatch, match="announced"):
             await client.get_manifest(Reference.parse(f"{REGISTRY}/app/x:v1"))
+
+
+async def test_compressed_transfer_refused() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["Accept-Encoding"] == "identity"
+        return httpx.Response(
+            200, headers={"Content-Type": OCI_MANIFEST, "Content-Encoding": "gzip"}, content=b"x"
+        )
+
+    async with RegistryClient(REGISTRY, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ImagePullFailed, match="Content-Encoding 'gzip'"):
+            await client.get_manifest(Reference.parse(f"{REGISTRY}/app/x:v1"))
+
+
+async def test_redirect_loop_refused() -> None:
+    hops: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hops.append(str(request.url))
+        return httpx.Response(302, headers={"Location": f"/v2/app/x/manifests/v{len(hops)}"})
+
+    async with RegistryClient(REGISTRY, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ImagePullFailed, match="redirected"):
+            await client.get_manifest(Reference.parse(f"{REGISTRY}/app/x:v1"))
+    assert len(hops) == 6
