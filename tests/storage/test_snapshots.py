@@ -221,7 +221,7 @@ async def test_remove_snapshot(paths: Paths) -> None:
 async def test_overlay_rootfs_honours_whiteouts_and_opaque_dirs(paths: Paths) -> None:
     store = SnapshotStore(paths)
     layers = [await snapshot(store, "base", BASE), await snapshot(store, "top", TOP)]
-    rootfs = await store.prepare_rootfs("c1", layers)
+    rootfs = await store.prepare_rootfs("c1", layers, method="overlay")
     assert rootfs.kind == "overlay" and mounted(rootfs.path)
     assert set(tree(rootfs.path)) == EXPECTED
     assert (rootfs.path / "bin" / "sh").read_bytes() == b"#!newsh"
@@ -327,8 +327,8 @@ async def test_readonly_rootfs(paths: Paths) -> None:
 async def test_many_layers_fit_one_mount(paths: Paths) -> None:
     store = SnapshotStore(paths)
     layers = [await snapshot(store, f"layer{i}", {f"f{i}": b"%d" % i}) for i in range(128)]
-    rootfs = await store.prepare_rootfs("many", layers)
-    assert len(os.listdir(rootfs.path)) == 128
+    rootfs = await store.prepare_rootfs("many", layers, method="overlay")
+    assert rootfs.kind == "overlay" and len(os.listdir(rootfs.path)) == 128
     await rootfs.remove()
 
 

@@ -438,7 +438,7 @@ class SnapshotStore:
     def _reserve(self, base: Path, state: dict[str, Any]) -> None:
         """Create ``base`` with its record in one rename, so a key dir always has one."""
         tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=self._rootfs))
-        (tmp / _STATE).write_text(json.dumps(state))
+        _write_state(tmp, state)
         try:
             os.rename(tmp, base)
         except OSError as exc:
@@ -456,13 +456,26 @@ class SnapshotStore:
             state = json.loads((base / _STATE).read_text())
         except FileNotFoundError:
             return None
+        except ValueError as exc:
+            raise StorageError(
+                f"the record of root filesystem {key!r} is corrupt",
+                hint=f"unmount {base / 'merged'} if mounted and delete {base}",
+                key=key,
+            ) from exc
         return Rootfs(
             key, base / "merged", state["kind"], tuple(state["diff_ids"]), state["readonly"]
         )
 
     def list_rootfs(self) -> builtins.list[Rootfs]:
-        found = (self.rootfs(name) for name in sorted(os.listdir(self._rootfs)) if name[0] != ".")
-        return [rootfs for rootfs in found if rootfs is not None]
+        names = sorted(n for n in os.listdir(self._rootfs) if _KEY.fullmatch(n))
+        return [rootfs for rootfs in map(self.rootfs, names) if rootfs is not None]
+
+
+def _write_state(base: Path, state: dict[str, Any]) -> None:
+    """Replace the record atomically: a crash leaves the old one or the new one."""
+    tmp = base / f".{_STATE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, base / _STATE)
 
 
 def _lstat_mode(path: Path) -> int:
@@ -498,17 +511,18 @@ def _assemble(base: Path, lowers: Sequence[Path], readonly: bool, method: Method
             _mount_overlay(merged, lowers, upper, work, readonly)
             return "overlay"
         except OSError as exc:
-            if method == "overlay" or exc.errno not in (errno.EPERM, errno.ENODEV):
+            # Not privileged, no overlayfs, or a run dir overlayfs cannot put an upper dir
+            # on (itself an overlay, say): copy instead; Rootfs.kind records it.
+            if method == "overlay" or exc.errno not in (errno.EPERM, errno.ENODEV, errno.EINVAL):
                 raise NotSupported(
                     f"cannot mount overlayfs: {exc.strerror}",
                     hint="run as root on a kernel with overlayfs, or use method='copy'",
                 ) from exc
         upper.rmdir()
         work.rmdir()
-        state_path = base / _STATE
-        state = json.loads(state_path.read_text())
+        state = json.loads((base / _STATE).read_text())
         state["kind"] = "copy"
-        state_path.write_text(json.dumps(state))
+        _write_state(base, state)
     owner = os.geteuid() == 0
     dst = os.open(merged, _DIR_FLAGS)
     try:
