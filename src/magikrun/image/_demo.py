@@ -12,7 +12,6 @@ one machine gives the same digests.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from ..errors import ImageError
 from ..platform import Paths
-from ._layout import FIXED_MTIME, LayerEntry, LayoutWriter, build_layer
+from ._layout import LayerEntry, LayoutWriter, build_layer
 from ._mediatypes import OCI_LAYER_GZIP, WASM_CONFIG, WASM_LAYER
 from ._model import Image, PlatformSpec
 
@@ -125,7 +124,6 @@ def write_demo_layout(dest: Path, *, busybox: Path = BUSYBOX_BINARY) -> list[str
         )
     )
     writer.write_index()
-    os.utime(dest, (FIXED_MTIME, FIXED_MTIME))
     return digests
 
 
