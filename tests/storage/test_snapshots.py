@@ -187,6 +187,29 @@ async def test_extract_once_across_processes(paths: Paths) -> None:
     assert os.listdir(path) == ["by-child"]
 
 
+async def test_cancelled_extract_waits_for_its_thread(paths: Paths) -> None:
+    """A thread cannot be interrupted: cancelling waits for it, so nothing is half-made
+    (here the fill completes, so the snapshot is committed whole)."""
+    store = SnapshotStore(paths)
+    started, release = threading.Event(), threading.Event()
+
+    def fill(root_fd: int) -> None:
+        filler({"first": b"1"})(root_fd)
+        started.set()
+        release.wait()
+        filler({"second": b"2"})(root_fd)
+
+    task = asyncio.ensure_future(store.extract(digest("c"), fill))
+    await asyncio.to_thread(started.wait)
+    task.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(os.listdir(store.path(digest("c")))) == ["first", "second"]
+    assert leftovers(paths) == []
+
+
 async def test_stale_extraction_is_cleaned(paths: Paths) -> None:
     store = SnapshotStore(paths)
     stale = paths.snapshots / "tmp" / (digest("s").removeprefix("sha256:") + ".crashed")
