@@ -139,7 +139,7 @@ async def test_lifecycle_of_hello(runtime: WasmtimeRuntime, make_bundle: MakeBun
     assert_nothing_left(runtime, "hello")
 
 
-@pytest.mark.parametrize("code", [0, 3, 42, 125])
+@pytest.mark.parametrize("code", [0, 3, 42, 255])
 async def test_exit_code_is_the_modules(
     runtime: WasmtimeRuntime, make_bundle: MakeBundle, code: int
 ) -> None:
@@ -152,7 +152,6 @@ async def test_argv_and_env_come_from_process(
     bundle = make_bundle("echo", ["one", "two words"], env=["GREETING=hi there", "A=b=c"])
     assert await run_to_exit(runtime, "echo", bundle) == 0
     assert [text for _s, text in log_lines(runtime, "echo")] == [
-        "/echo.wasm",
         "one",
         "two words",
         "GREETING=hi there",
@@ -368,7 +367,7 @@ async def test_bundle_built_from_a_module_runs_and_is_digest_checked(
     )
     assert await run_to_exit(runtime, "built", bundle.path) == 0
     texts = [text for _s, text in log_lines(runtime, "built")]
-    assert texts[:2] == ["/module.wasm", "arg"]
+    assert texts[0] == "arg"
     assert "KEY=value" in texts
     await runtime.delete("built")
 

@@ -8,7 +8,8 @@ at its next loop back-edge or call, from any thread.
 
 How a run ends, and the exit code it gives::
 
-    proc_exit(N)                  N
+    proc_exit(N)                  N & 0xFF, as exit(3) gives (wasmtime's own WASI
+                                  refuses 126 and above; magikrun's proc_exit does not)
     returned from _start          0
     out of fuel                   152  (128 + SIGXCPU, as a CPU-time limit would)
     memory limit, then a trap     137  (128 + SIGKILL, as the kernel's OOM killer gives)
@@ -166,6 +167,19 @@ class PreparedRun:
     pre: wasmtime.InstancePre
 
 
+class _ProcExit(Exception):
+    """Raised by our ``proc_exit`` to unwind the module with its exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _proc_exit(code: int) -> None:
+    raise _ProcExit(code & 0xFF)
+
+
+
 @dataclass(slots=True)
 class _Interrupt:
     signal: int | None = None
@@ -289,6 +303,9 @@ class WasmEngine:
             store.set_wasi(_wasi_config(spec))
             linker = wasmtime.Linker(self._engine)
             linker.define_wasi()
+            linker.allow_shadowing = True
+            exit_type = wasmtime.FuncType([wasmtime.ValType.i32()], [])
+            linker.define_func(_WASI_MODULE, "proc_exit", exit_type, _proc_exit)
         with _wasmtime_errors(
             f"wasm module {name} cannot be linked",
             hint="the module must import only WASI preview 1 functions",
@@ -308,7 +325,7 @@ class WasmEngine:
             if not isinstance(start, wasmtime.Func):
                 return WasmResult(EXIT_TRAP, WasmStop.TRAPPED, "_start is not a function")
             start(store)
-        except wasmtime.ExitTrap as exc:
+        except _ProcExit as exc:
             return WasmResult(exc.code, WasmStop.EXITED)
         except wasmtime.Trap as exc:
             return self._trapped(exc, store, instance)

@@ -1,4 +1,4 @@
-;; Writes each argument, then each environment entry, one per line, to stdout.
+;; Writes each argument after argv[0], then each environment entry, one per line, to stdout.
 (module
   (import "wasi_snapshot_preview1" "fd_write"
     (func $fd_write (param i32 i32 i32 i32) (result i32)))
@@ -39,7 +39,7 @@
     ;; args: pointers at 1024, strings at 8192; env: pointers at 4096, strings at 65536
     (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
     (drop (call $args_get (i32.const 1024) (i32.const 8192)))
-    (call $put_all (i32.const 1024) (i32.load (i32.const 0)))
+    (call $put_all (i32.const 1028) (i32.sub (i32.load (i32.const 0)) (i32.const 1)))
     (drop (call $environ_sizes_get (i32.const 8) (i32.const 12)))
     (drop (call $environ_get (i32.const 4096) (i32.const 65536)))
     (call $put_all (i32.const 4096) (i32.load (i32.const 8)))))
