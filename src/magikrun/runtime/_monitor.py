@@ -103,14 +103,15 @@ class _CriLog:
     def feed(self, data: bytes) -> None:
         self.pending += data
         while True:
-            newline = self.pending.find(b"\n")
-            if newline < 0:
+            newline = self.pending.find(b"\n", 0, _MAX_LOG_LINE + 1)
+            if newline >= 0:
+                self._write(b"F", self.pending[:newline])
+                self.pending = self.pending[newline + 1 :]
+            elif len(self.pending) > _MAX_LOG_LINE:
+                self._write(b"P", self.pending[:_MAX_LOG_LINE])
+                self.pending = self.pending[_MAX_LOG_LINE:]
+            else:
                 break
-            self._write(b"F", self.pending[:newline])
-            self.pending = self.pending[newline + 1 :]
-        while len(self.pending) >= _MAX_LOG_LINE:
-            self._write(b"P", self.pending[:_MAX_LOG_LINE])
-            self.pending = self.pending[_MAX_LOG_LINE:]
 
     def close(self) -> None:
         if self.pending:
