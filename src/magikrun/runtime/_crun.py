@@ -223,31 +223,30 @@ def _check_rlimits(bundle: Path, rlimits: object) -> None:
 # ------------------------------------------------------------------------ cgroup hybrid fix
 
 
-def _hybrid_v2_controllers() -> list[str]:
+def _hybrid_v2_controllers(cgroup_root: Path) -> list[str]:
     """Controllers that cgroup2 holds on a host whose other controllers are cgroup v1.
 
     crun 1.8 refuses such "hybrid" hosts; each of these needs its v1 hierarchy.
     """
-    unified = _CGROUP_ROOT / "unified"
-    v1_memory = _CGROUP_ROOT / "memory"
-    if not (unified / "cgroup.controllers").exists() or not v1_memory.is_dir():
+    controllers = cgroup_root / "unified" / "cgroup.controllers"
+    if not controllers.exists() or not (cgroup_root / "memory").is_dir():
         return []
-    return (unified / "cgroup.controllers").read_text().split()
+    return controllers.read_text().split()
 
 
-async def ensure_cgroup_compat() -> str | None:
+async def ensure_cgroup_compat(cgroup_root: Path = _CGROUP_ROOT) -> str | None:
     """Make a hybrid cgroup host usable for crun; what was changed, or ``None``.
 
     Mounts the v1 hierarchy of each controller that cgroup2 holds (``hugetlb`` on
-    this kind of machine) at ``/sys/fs/cgroup/<name>``. Raises `RuntimeUnavailable`
+    this kind of machine) at ``<cgroup_root>/<name>``. Raises `RuntimeUnavailable`
     when that is needed but fails.
     """
-    controllers = _hybrid_v2_controllers()
+    controllers = _hybrid_v2_controllers(cgroup_root)
     if not controllers:
         return None
     changed = []
     for name in controllers:
-        target = _CGROUP_ROOT / name
+        target = cgroup_root / name
         target.mkdir(exist_ok=True)
         done = await _process.run(["mount", "-t", "cgroup", "-o", name, "cgroup", str(target)])
         if done.returncode != 0:
@@ -313,6 +312,7 @@ class NativeRuntime:
     * `oci_binary` - ``"crun"`` (default when it works here), ``"runc"`` or a path.
     * `store` - the shared `ContainerStore` (one is made from `paths` if not given).
     * `max_containers` - the container limit of a store made here.
+    * `cgroup_root` - where the host's cgroup hierarchies are mounted.
     """
 
     name = "native"
@@ -326,8 +326,10 @@ class NativeRuntime:
         oci_binary: str | None = None,
         store: ContainerStore | None = None,
         max_containers: int = MAX_CONTAINERS,
+        cgroup_root: Path = _CGROUP_ROOT,
     ) -> None:
         self.paths = paths
+        self.cgroup_root = cgroup_root
         self.store = store or ContainerStore(paths, max_containers=max_containers)
         self._requested = oci_binary
         self._binary: str | None = None
@@ -370,7 +372,7 @@ class NativeRuntime:
             chosen = crun or runc
             if crun is not None:
                 try:
-                    await ensure_cgroup_compat()
+                    await ensure_cgroup_compat(self.cgroup_root)
                 except RuntimeUnavailable as exc:
                     if runc is None:
                         raise
@@ -378,7 +380,7 @@ class NativeRuntime:
                     log.warning("%s", self.fallback_reason)
                     chosen = runc
         elif os.path.basename(requested) == "crun":
-            await ensure_cgroup_compat()
+            await ensure_cgroup_compat(self.cgroup_root)
         assert chosen is not None
         self._binary = chosen
         return chosen
