@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 from _bundles import native_bundle
+from test_wasm_runtime import conformance_bundle
 
 from magikrun.platform import Paths
 from magikrun.runtime import NativeRuntime, OciRuntime
+from magikrun.runtime._wasmtime import WasmtimeRuntime
 
 Workload = tuple[str, ...] | tuple[str, int]
 
@@ -60,6 +62,7 @@ BACKENDS: list[BackendCase] = [
     BackendCase(
         "runc", lambda p: NativeRuntime(p, oci_binary="runc"), _native_workload, _needs("runc")
     ),
+    BackendCase("wasm", WasmtimeRuntime, conformance_bundle),
 ]
 
 _ids = itertools.count()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from magikrun.errors import (
     LimitExceeded,
     NotSupported,
 )
+from magikrun.image import BundleBuilder, ContainerConfig
 from magikrun.platform import Paths
 from magikrun.runtime import ContainerStatus, RuntimeRegistry
 from magikrun.runtime._wasmtime import FUEL_ANNOTATION, MEMORY_PAGES_ANNOTATION, WasmtimeRuntime
@@ -34,6 +36,20 @@ MakeBundle = Callable[..., Path]
 
 def wasm(name: str) -> bytes:
     return bytes(wasmtime.wat2wasm((WAT_DIR / f"{name}.wat").read_text()))
+
+
+def conformance_bundle(paths: Paths, bundle_dir: Path, workload: tuple[Any, ...]) -> Path:
+    """A Wasm bundle built by BundleBuilder for a conformance workload (see conftest)."""
+    module, args, annotations = {
+        "exit": lambda: ("exit_code", [str(workload[1])], {}),
+        "hello": lambda: ("echo", ["hello"], {}),
+        "sleep": lambda: ("loop", [], {FUEL_ANNOTATION: str(10**15)}),
+    }[workload[0]]()
+    bundle_dir.mkdir(parents=True)
+    source = bundle_dir.parent / f"{bundle_dir.name}.wasm"
+    source.write_bytes(wasm(module))
+    config = ContainerConfig(name=f"w-{uuid.uuid4().hex[:12]}", args=args, annotations=annotations)
+    return BundleBuilder(paths).build_wasm_bundle(None, config, source, bundle_dir).path
 
 
 @pytest.fixture
@@ -358,8 +374,6 @@ async def test_state_survives_a_new_runtime_object(paths: Paths, make_bundle: Ma
 async def test_bundle_built_from_a_module_runs_and_is_digest_checked(
     paths: Paths, runtime: WasmtimeRuntime, short_tmp: Path
 ) -> None:
-    from magikrun.image._bundle import BundleBuilder, ContainerConfig
-
     module = short_tmp / "echo.wasm"
     module.write_bytes(wasm("echo"))
     bundle = BundleBuilder(paths).build_wasm_bundle(
