@@ -3,7 +3,7 @@
 Prints medians over RUNS runs (default 30) of:
 
 * magikrun's Python API: create (monitor + worker start, module from the cache),
-  start to exit, and create to exit, through ``WasmtimeRuntime``;
+  start to exit, and create to exit, through ``WasmtimeRuntime``; and ``magikrun run``;
 * the peer measured in the same run: a fresh ``python -I`` that imports wasmtime,
   deserializes the same compiled module and runs it (the least a separate wasmtime-py
   process can cost), and the parts a worker pays before it runs anything.
@@ -14,6 +14,7 @@ Usage: ``.venv/bin/python bench/wasm_hello.py [RUNS]``
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,16 @@ def main() -> None:
             ),
             runs,
         )
+        magikrun_cli = shutil.which("magikrun", path=str(Path(sys.executable).parent))
+        assert magikrun_cli is not None, "install magikrun into this venv first"
+        cli_argv = [magikrun_cli, "--root", str(base / "root"), "run", "--bundle", str(bundle)]
+        cli_ids = (f"cli-{i}" for i in range(runs))
+        cli = timed(
+            lambda: subprocess.run(
+                [*cli_argv, next(cli_ids)], check=True, stdout=subprocess.DEVNULL
+            ),
+            runs,
+        )
         bare = timed(python("-c", BARE, str(cached)), runs)
         interpreter = timed(python("-c", "pass"), runs)
         import_wasmtime = timed(python("-c", "import wasmtime"), runs)
@@ -128,15 +139,16 @@ def main() -> None:
     print(f"wasm hello-world, warm module cache, medians of {runs} runs")
     print("magikrun (Python API, WasmtimeRuntime):")
     for name, samples in phases.items():
-        print(f"  {name:<40}{ms(samples)}")
+        print(f"  {name:<52}{ms(samples)}")
+    print(f"  {'magikrun run (CLI, foreground, incl. interpreter)':<52}{ms(cli)}")
     print("peer: fresh python -I + wasmtime-py running the cached module:")
-    print(f"  {'create to exit':<40}{ms(bare)}")
+    print(f"  {'create to exit':<52}{ms(bare)}")
     print(f"  ratio magikrun / peer: {total / statistics.median(bare):.2f}x")
     print("what a worker pays before it runs anything:")
-    print(f"  {'python -I -c pass':<40}{ms(interpreter)}")
-    print(f"  {'python -I -c import wasmtime':<40}{ms(import_wasmtime)}")
-    print(f"  {'python -I -c import worker + engine':<40}{ms(import_worker)}")
-    print(f"  {'in-process cache load+link+run':<40}{ms(in_process)}")
+    print(f"  {'python -I -c pass':<52}{ms(interpreter)}")
+    print(f"  {'python -I -c import wasmtime':<52}{ms(import_wasmtime)}")
+    print(f"  {'python -I -c import worker + engine':<52}{ms(import_worker)}")
+    print(f"  {'in-process cache load+link+run':<52}{ms(in_process)}")
     print(f"target: create to exit under 20 ms -> {'met' if total < 0.020 else 'NOT met'}")
 
 
