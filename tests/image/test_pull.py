@@ -485,3 +485,26 @@ async def test_bearer_token_registry(
     assert [r[0] for r in token.requests[before:]] == [
         f"Basic {base64.b64encode(CREDS.encode()).decode()}"
     ]
+
+
+async def test_cancelled_pull_keeps_partial_blob_for_resume(paths: Paths) -> None:
+    image = make_image([file_layer({"r": os.urandom(1024 * 1024)})])
+    layer, blob = image.layer_digests[0], image.layers[0]
+    half = len(blob) // 2
+
+    async def stalls_halfway() -> AsyncIterator[bytes]:
+        yield blob[:half]
+        await asyncio.Event().wait()
+
+    store = ContentStore(paths)
+    async with HttpTap(respond=serve_image(image, extra_blobs={layer: stalls_halfway()})) as tap:
+        with pytest.raises(MagikrunTimeout):
+            await pull(f"{tap.address}/x/y:latest", store, timeout=2)
+    assert layer not in stored_blobs(paths)
+    assert store.ingest_offset(layer) == half
+
+    async with HttpTap(respond=serve_image(image)) as tap:
+        pulled = await pull(f"{tap.address}/x/y:latest", store)
+    assert tap.gets(f"/blobs/{layer}")[0].headers["range"] == f"bytes={half}-"
+    assert pulled.layers[0].digest == layer
+    assert store.verify(layer)

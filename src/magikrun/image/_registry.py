@@ -9,11 +9,16 @@ redirect target on another host, and never to a layer's ``urls``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import cache
 from types import TracebackType
+from typing import Any, TypeVar
 
 import httpx
 
@@ -29,7 +34,7 @@ from ..errors import (
     RegistryAuthError,
 )
 from ..platform import MAX_MANIFEST_SIZE
-from ..storage import ContentStore, sha256_digest, validate_digest
+from ..storage import BlobWriter, ContentStore, sha256_digest, validate_digest
 from ._auth import Authenticator, Credentials, load_credentials
 from ._mediatypes import ACCEPT_MANIFESTS
 from ._model import Descriptor
@@ -43,6 +48,8 @@ __all__ = [
     "ProgressEvent",
     "RegistryClient",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 """Per-operation network timeouts; the whole pull is bounded by IMAGE_PULL_TIMEOUT."""
@@ -83,12 +90,47 @@ class FetchedManifest:
     """The registry's ``Docker-Content-Digest`` header, when it sent a valid one."""
 
 
+@cache
+def _tls_context() -> ssl.SSLContext:
+    """The system's trust store, loaded once per process (loading it takes ~100 ms)."""
+    return ssl.create_default_context()
+
+
 def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"
 
 
 def push_scope(repository: str) -> str:
     return f"repository:{repository}:pull,push"
+
+
+_FLUSH_BYTES = 1 << 20
+"""Bytes gathered before a write, so hashing and disk writes run in a worker thread
+(they release the GIL) while the event loop keeps reading the network."""
+
+
+async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a worker thread and wait for it even when cancelled, so that the
+    file it works on is not closed under it."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
+        raise
+
+
+async def _write(
+    writer: BlobWriter, received: bytearray, total: int, progress: ProgressCallback | None
+) -> None:
+    """Hand ``received`` to the writer (in a worker thread) and empty it."""
+    data = bytes(received)
+    received.clear()
+    await _finish_in_thread(writer.write, data)
+    if progress is not None:
+        progress(ProgressEvent(writer.digest, total, writer.offset, False))
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -183,6 +225,7 @@ class RegistryClient:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
             http2=not plain_http,
+            verify=_tls_context(),
             follow_redirects=False,
             transport=transport,
         )
@@ -422,34 +465,8 @@ class RegistryClient:
             failures = 0
             with self._mapped(what):
                 while writer.offset < desc.size:
-                    headers = {"Range": f"bytes={writer.offset}-"} if writer.offset else {}
                     try:
-                        async with self._request("GET", url, scope=scope, headers=headers) as r:
-                            if r.status_code == 206:
-                                if _content_range_start(r.headers.get("Content-Range")) != (
-                                    writer.offset
-                                ):
-                                    raise ImagePullFailed(
-                                        f"registry {self.registry} answered a resume of "
-                                        f"{desc.digest} at byte {writer.offset} with "
-                                        f"{r.headers.get('Content-Range')!r}",
-                                        registry=self.registry,
-                                    )
-                            elif r.status_code == 200:
-                                writer.reset()  # the server ignored Range: start over
-                            elif r.status_code == 416 and writer.offset:
-                                writer.reset()
-                                continue
-                            else:
-                                await self._fail(r, what, _blob_not_found(self.registry))
-                            async for chunk in _body(r):
-                                writer.write(chunk)
-                                if progress is not None:
-                                    progress(
-                                        ProgressEvent(desc.digest, desc.size, writer.offset, False)
-                                    )
-                            if writer.offset < desc.size:
-                                raise httpx.RemoteProtocolError("the body ended early")
+                        await self._attempt(url, scope, desc, writer, progress, what)
                     except httpx.TransportError as exc:
                         failures += 1
                         if failures >= BLOB_ATTEMPTS:
@@ -460,10 +477,50 @@ class RegistryClient:
                                 registry=self.registry,
                                 digest=desc.digest,
                             ) from exc
-            writer.commit()
+            await _finish_in_thread(writer.commit)
         if progress is not None:
             progress(ProgressEvent(desc.digest, desc.size, desc.size, True))
         return True
+
+    async def _attempt(
+        self,
+        url: httpx.URL,
+        scope: str | None,
+        desc: Descriptor,
+        writer: BlobWriter,
+        progress: ProgressCallback | None,
+        what: str,
+    ) -> None:
+        """One GET of the blob from ``writer.offset`` on. What arrives is kept even when
+        the connection drops, so that the next attempt resumes after it."""
+        headers = {"Range": f"bytes={writer.offset}-"} if writer.offset else {}
+        async with self._request("GET", url, scope=scope, headers=headers) as response:
+            if response.status_code == 206:
+                content_range = response.headers.get("Content-Range")
+                if _content_range_start(content_range) != writer.offset:
+                    raise ImagePullFailed(
+                        f"registry {self.registry} answered a resume of {desc.digest} at byte "
+                        f"{writer.offset} with Content-Range {content_range!r}",
+                        registry=self.registry,
+                    )
+            elif response.status_code == 200:
+                writer.reset()  # the server ignored Range: start over
+            elif response.status_code == 416 and writer.offset:
+                writer.reset()
+                return
+            else:
+                await self._fail(response, what, _blob_not_found(self.registry))
+            received = bytearray()
+            try:
+                async for chunk in _body(response):
+                    received += chunk
+                    if len(received) >= _FLUSH_BYTES or writer.offset + len(received) > desc.size:
+                        await _write(writer, received, desc.size, progress)
+            finally:
+                if received:
+                    await _write(writer, received, desc.size, progress)
+        if writer.offset < desc.size:
+            raise httpx.RemoteProtocolError("the body ended before the blob's announced size")
 
     async def push_blob(self, repository: str, data: bytes) -> str:
         """Upload ``data`` (monolithic POST then PUT) unless the registry has it; return its
