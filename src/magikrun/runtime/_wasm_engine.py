@@ -36,7 +36,6 @@ import enum
 import hashlib
 import os
 import signal
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,6 +437,8 @@ class WasmEngine:
             path=str(path),
         ):
             data = bytes(module.serialize())
+        import tempfile  # only on a cache miss: keeps the worker's start-up lean
+
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_CACHE_SUFFIX)
         try:
