@@ -21,6 +21,7 @@ from magikrun.errors import (
     InvalidArgument,
     MagikrunTimeout,
     RegistryAuthError,
+    UnsupportedMediaType,
 )
 from magikrun.image._auth import Challenge, Credentials, load_credentials, parse_challenges
 from magikrun.image._mediatypes import OCI_MANIFEST
@@ -244,3 +245,37 @@ async def test_redirect_loop_refused() -> None:
         with pytest.raises(ImagePullFailed, match="redirected"):
             await client.get_manifest(Reference.parse(f"{REGISTRY}/app/x:v1"))
     assert len(hops) == 6
+
+
+def _serving(
+    image_blobs: dict[str, bytes], manifest: bytes, content_type: str
+) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        digest = request.url.path.rpartition("/")[2]
+        if "/manifests/" in request.url.path:
+            return httpx.Response(200, headers={"Content-Type": content_type}, content=manifest)
+        return httpx.Response(200, content=image_blobs[digest])
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", ""])
+async def test_media_type_from_document_without_content_type(
+    paths: Paths, content_type: str
+) -> None:
+    image = make_image([file_layer({"m": b"m"})])
+    blobs = {sha256_digest(b): b for b in (image.config, *image.layers)}
+    pulled = await pull(
+        f"{REGISTRY}/app/x:v1",
+        ContentStore(paths),
+        transport=_serving(blobs, image.manifest, content_type),
+    )
+    assert pulled.manifest_digest == image.digest
+
+    odd = json.dumps({"schemaVersion": 2, "mediaType": "text/plain"}).encode()
+    with pytest.raises(UnsupportedMediaType, match="'text/plain'"):
+        await pull(
+            f"{REGISTRY}/app/x:v2",
+            ContentStore(paths),
+            transport=_serving(blobs, odd, content_type),
+        )

@@ -9,6 +9,7 @@ service's job; a pull only leaves verified blobs behind.
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
 
 import httpx
@@ -94,12 +95,21 @@ def select_platform(
 
 
 def _is_index(fetched: FetchedManifest) -> bool:
-    if fetched.media_type in INDEX_TYPES:
-        return True
-    if fetched.media_type in MANIFEST_TYPES:
-        return False
-    # No usable Content-Type: decide by shape (an index lists manifests, a manifest has layers).
-    return b'"manifests"' in fetched.data and b'"layers"' not in fetched.data
+    """Index or manifest: by Content-Type, else by the document's own ``mediaType``."""
+    if fetched.media_type in INDEX_TYPES | MANIFEST_TYPES:
+        return fetched.media_type in INDEX_TYPES
+    try:
+        declared = json.loads(fetched.data).get("mediaType")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ManifestInvalid(f"manifest {fetched.digest} is not a JSON object") from None
+    if declared not in INDEX_TYPES | MANIFEST_TYPES:
+        raise UnsupportedMediaType(
+            f"manifest {fetched.digest} has media type {str(declared)[:100]!r} "
+            f"(Content-Type {fetched.media_type[:100]!r}); expected an OCI or Docker manifest "
+            "or index",
+            digest=fetched.digest,
+        )
+    return declared in INDEX_TYPES
 
 
 async def pull(
