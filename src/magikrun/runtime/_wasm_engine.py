@@ -178,7 +178,6 @@ def _proc_exit(code: int) -> None:
     raise _ProcExit(code & 0xFF)
 
 
-
 @dataclass(slots=True)
 class _Interrupt:
     signal: int | None = None
