@@ -10,11 +10,10 @@ redirect target on another host, and never to a layer's ``urls``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
 from types import TracebackType
@@ -60,6 +59,9 @@ BLOB_ATTEMPTS = 4
 MAX_REDIRECTS = 5
 _MAX_SMALL_BODY = 64 * 1024
 """Bytes of an error document or token response we read."""
+_FLUSH_BYTES = 1 << 20
+"""Bytes gathered before a write, so hashing and disk writes run in a worker thread
+(they release the GIL) while the event loop keeps reading the network."""
 _NO_ENCODING = {"Accept-Encoding": "identity"}
 """Digests cover the bytes as stored; a compressed transfer would also hide the real size."""
 
@@ -104,11 +106,6 @@ def push_scope(repository: str) -> str:
     return f"repository:{repository}:pull,push"
 
 
-_FLUSH_BYTES = 1 << 20
-"""Bytes gathered before a write, so hashing and disk writes run in a worker thread
-(they release the GIL) while the event loop keeps reading the network."""
-
-
 async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn`` in a worker thread and wait for it even when cancelled, so that the
     file it works on is not closed under it."""
@@ -117,7 +114,7 @@ async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         while not future.done():
-            with contextlib.suppress(asyncio.CancelledError):
+            with suppress(asyncio.CancelledError):
                 await asyncio.wait([future])
         raise
 
