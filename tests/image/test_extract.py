@@ -13,7 +13,8 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from magikrun.errors import (
     UnsafeLayer,
     UnsupportedMediaType,
 )
-from magikrun.image import ExtractBudget, LayerStats, apply_layer, unpack_layer
+from magikrun.image import ExtractBudget, LayerStats, apply_layer, unpack_layer, unpack_layers
 from magikrun.image._mediatypes import OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, WASM_LAYER
 from magikrun.image._model import Layer
 from magikrun.platform import Paths
@@ -693,3 +694,59 @@ async def test_unpack_layer_runs_once(paths: Paths) -> None:
     assert len(set(results)) == 1 and len(opened) == 1
     assert (results[0] / "bin" / "sh").stat().st_size == 1 << 20
     assert store.list() == [sha(data)]
+
+
+def _slow_opener(blobs: dict[str, bytes], slow: set[str]) -> Callable[[Layer], io.BytesIO]:
+    def opener(layer: Layer) -> io.BytesIO:
+        if layer.diff_id in slow:
+            time.sleep(0.2)  # let the layers above start first: exercises the retry
+        return io.BytesIO(blobs[layer.diff_id])
+
+    return opener
+
+
+async def test_unpack_layers_in_parallel(paths: Paths) -> None:
+    store = SnapshotStore(paths)
+    tars = [
+        tar(dir_("bin"), reg("bin/sh", b"sh" * 1000)),
+        tar(dir_("etc"), reg("etc/a", b"a" * 3000)),
+        tar(reg("etc/b", b"b" * 5000)),  # implicit parent: needs the lowers
+        tar(),
+        tar(reg(".wh.bin", b"")),
+        tar(),  # the same empty layer again
+    ]
+    layers = [_layer(t) for t in tars]
+    blobs = {layer.diff_id: t for layer, t in zip(layers, tars, strict=True)}
+    created: list[str] = []
+    budget = ExtractBudget()
+    opener = _slow_opener(blobs, {layers[0].diff_id, layers[1].diff_id})
+    await unpack_layers(store, layers, opener, budget=budget, created=created)
+    assert sorted(created) == store.list() == sorted(set(blobs))
+    assert budget.used_bytes == 2000 + 3000 + 5000  # a retried layer is not charged twice
+    assert (store.path(layers[2].diff_id) / "etc" / "b").read_bytes() == b"b" * 5000
+    assert leftovers_of(paths) == []
+    await unpack_layers(store, layers, opener, budget=ExtractBudget(), created=created)
+    assert len(created) == 5
+
+
+async def test_unpack_layers_rejects_cross_layer_escape(paths: Paths) -> None:
+    store = SnapshotStore(paths)
+    tars = [tar(sym("etc", "/etc")), tar(reg("pad", b"x")), tar(reg("etc/passwd", b"pwned"))]
+    layers = [_layer(t) for t in tars]
+    blobs = {layer.diff_id: t for layer, t in zip(layers, tars, strict=True)}
+    created: list[str] = []
+    with pytest.raises(PathTraversal, match="symlink 'etc' of a lower layer"):
+        await unpack_layers(
+            store,
+            layers,
+            _slow_opener(blobs, {layers[0].diff_id}),
+            budget=ExtractBudget(),
+            created=created,
+        )
+    assert layers[2].diff_id not in store.list()
+    assert store.list() == sorted(created)
+    assert leftovers_of(paths) == []
+
+
+def leftovers_of(paths: Paths) -> list[str]:
+    return os.listdir(paths.snapshots / "tmp")

@@ -16,6 +16,7 @@ from ._extract import ExtractBudget as ExtractBudget
 from ._extract import LayerStats as LayerStats
 from ._extract import apply_layer as apply_layer
 from ._extract import unpack_layer as unpack_layer
+from ._extract import unpack_layers as unpack_layers
 from ._layout import LayerEntry as LayerEntry
 from ._layout import LayoutWriter as LayoutWriter
 from ._layout import build_layer as build_layer
@@ -71,5 +72,6 @@ __all__ = [
     "open_wasm_module",
     "pull",
     "unpack_layer",
+    "unpack_layers",
     "write_demo_layout",
 ]

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -47,6 +48,7 @@ from ..errors import (
     ImageTooLarge,
     NotSupported,
     PathTraversal,
+    SnapshotNotFound,
     StorageError,
     StorageFull,
     UnsafeLayer,
@@ -65,7 +67,7 @@ from ._model import Layer
 if TYPE_CHECKING:
     from ..storage import SnapshotStore
 
-__all__ = ["ExtractBudget", "LayerStats", "apply_layer", "unpack_layer"]
+__all__ = ["ExtractBudget", "LayerStats", "apply_layer", "unpack_layer", "unpack_layers"]
 
 _CHUNK = 1 << 20
 _TAR_BUFFER = 64 << 10
@@ -106,6 +108,11 @@ class ExtractBudget:
     """Entries in one layer archive."""
     used_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def refund(self, size: int) -> None:
+        """Give back what a discarded attempt at a layer charged."""
+        with self._lock:
+            self.used_bytes -= size
 
     def charge(self, size: int, entry: str) -> None:
         with self._lock:
@@ -284,6 +291,10 @@ class _RawView:
         return self._stream.raw_read(_CHUNK if size < 0 else size)
 
 
+class _LowerNotReady(SnapshotNotFound):
+    """A lower snapshot is needed but not there (yet: ``unpack_layers`` retries)."""
+
+
 def _split(name: str, entry: str, what: str = "entry") -> _Parts:
     """Path components of an archive name, refusing anything that could leave the root."""
     if "\x00" in name:
@@ -310,10 +321,13 @@ def _show(parts: _Parts) -> str:
 class _Tree:
     """One layer being applied under ``root`` (a directory fd the caller owns)."""
 
-    def __init__(self, root: int, mode: Mode, lowers: Sequence[int], privileged: bool) -> None:
+    def __init__(
+        self, root: int, mode: Mode, lowers: Sequence[int | Path], privileged: bool
+    ) -> None:
         self.root = root
         self.mode = mode
-        self.lowers = lowers
+        self.lower_sources = lowers
+        self.lower_fds: list[int] | None = None
         self.privileged = privileged
         self.mode_mask = 0o7777 if privileged else 0o1777
         # Which opaque marker works depends on what we are, not on what we keep.
@@ -333,6 +347,29 @@ class _Tree:
         for fd in self.dirs.values():
             os.close(fd)
         self.dirs.clear()
+
+    def release(self) -> None:
+        self.close()
+        for fd in self.lower_fds or ():
+            os.close(fd)
+        self.lower_fds = None
+
+    def _lowers(self) -> list[int]:
+        """The lower snapshots' fds, opened on first need: most layers list every parent
+        directory and never need them."""
+        if self.lower_fds is None:
+            self.lower_fds = []
+            for lower in self.lower_sources:
+                if isinstance(lower, int):
+                    self.lower_fds.append(os.dup(lower))
+                    continue
+                try:
+                    self.lower_fds.append(os.open(lower, _DIR_FLAGS))
+                except FileNotFoundError as exc:
+                    raise _LowerNotReady(
+                        f"lower snapshot {lower} does not exist", path=str(lower)
+                    ) from exc
+        return self.lower_fds
 
     # -- walking -------------------------------------------------------------------------
 
@@ -375,7 +412,7 @@ class _Tree:
 
     def _check_lowers(self, parts: _Parts, entry: str) -> None:
         """Refuse to create a directory where the layers below show a symlink."""
-        for lower in self.lowers:
+        for lower in self._lowers():
             found = _lower_lookup(lower, parts)
             if found is None:
                 continue
@@ -737,17 +774,11 @@ def apply_layer(
             media_type=media_type,
         )
     is_privileged = os.geteuid() == 0 if privileged is None else privileged
-    lower_fds: list[int] = []
-    tree: _Tree | None = None
+    tree = _Tree(target_fd, mode, lowers, is_privileged)
     stream: _LayerStream | None = None
     entries = written = 0
     entry = ""
     try:
-        for lower in lowers:
-            lower_fds.append(
-                os.dup(lower) if isinstance(lower, int) else os.open(lower, _DIR_FLAGS)
-            )
-        tree = _Tree(target_fd, mode, lower_fds, is_privileged)
         stream = _LayerStream(blob, budget)
         with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tar:
             for member in tar:
@@ -764,6 +795,9 @@ def apply_layer(
         stream.drain()
         tree.finish()
         return LayerStats(diff_id=stream.diff_id, entries=entries, bytes=written)
+    except _LowerNotReady:
+        budget.refund(written)
+        raise
     except tarfile.TarError as exc:
         raise UnsafeLayer(f"layer is not a valid tar archive: {exc}") from exc
     except (OverflowError, ValueError) as exc:
@@ -773,10 +807,7 @@ def apply_layer(
     finally:
         if stream is not None:
             stream.close()
-        if tree is not None:
-            tree.close()
-        for fd in lower_fds:
-            os.close(fd)
+        tree.release()
 
 
 async def unpack_layer(
@@ -801,7 +832,77 @@ async def unpack_layer(
                            lowers=done[::-1], budget=budget)
     """
     lower_paths = [snapshots.path(diff_id) for diff_id in lowers]
+    return await _unpack(snapshots, layer, open_blob, lower_paths, budget, privileged)
 
+
+async def unpack_layers(
+    snapshots: SnapshotStore,
+    layers: Sequence[Layer],
+    open_blob: Callable[[Layer], BinaryIO],
+    *,
+    budget: ExtractBudget,
+    privileged: bool | None = None,
+    created: list[str] | None = None,
+) -> None:
+    """Unpack an image's layers (bottom to top) into snapshots, several at a time.
+
+    Each distinct diff_id is unpacked once, as ``unpack_layer`` would. Layers go in
+    parallel: on filesystems where creating inodes is the cost, separate snapshot
+    directories overlap it. A layer that must consult the layers below (it creates a
+    directory its archive does not list) and meets one not unpacked yet is discarded and
+    unpacked again once all the others are in. ``created``, if given, receives the
+    diff_ids this call unpacked as each one commits, so a caller can undo them if another
+    layer fails. On failure the other layers are cancelled and the error raised.
+
+    Example::
+
+        await unpack_layers(snapshots, image.layers, lambda l: content.open(l.digest),
+                            budget=ExtractBudget())
+    """
+    order: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        order.setdefault(layer.diff_id, index)
+
+    def lowers_of(index: int) -> list[str]:
+        return list(dict.fromkeys(layer.diff_id for layer in reversed(layers[:index])))
+
+    async def one(index: int, lower_paths: Sequence[Path]) -> None:
+        layer = layers[index]
+        existed = snapshots.has(layer.diff_id)
+        await _unpack(snapshots, layer, lambda: open_blob(layer), lower_paths, budget, privileged)
+        if not existed and created is not None:
+            created.append(layer.diff_id)
+
+    postponed: list[int] = []
+
+    async def first_pass(index: int) -> None:
+        try:
+            await one(index, [snapshots.location(d) for d in lowers_of(index)])
+        except _LowerNotReady:
+            postponed.append(index)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index in order.values():
+                group.create_task(first_pass(index))
+    except ExceptionGroup as failed:
+        # The first failure is the error; the group is only how tasks deliver it.
+        first, *others = failed.exceptions
+        for other in others:
+            first.add_note(f"another layer failed too: {other!r}")
+        raise first from None
+    for index in sorted(postponed):
+        await one(index, [snapshots.path(d) for d in lowers_of(index)])
+
+
+async def _unpack(
+    snapshots: SnapshotStore,
+    layer: Layer,
+    open_blob: Callable[[], BinaryIO],
+    lower_paths: Sequence[Path],
+    budget: ExtractBudget,
+    privileged: bool | None,
+) -> Path:
     def fill(target_fd: int) -> None:
         with open_blob() as blob:
             stats = apply_layer(

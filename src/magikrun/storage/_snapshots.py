@@ -327,15 +327,16 @@ class SnapshotStore:
 
     # -- snapshots -----------------------------------------------------------------------
 
-    def _dir(self, diff_id: str) -> Path:
+    def location(self, diff_id: str) -> Path:
+        """Where the snapshot of ``diff_id`` is, or will be once unpacked."""
         return self._committed / validate_digest(diff_id).removeprefix("sha256:")
 
     def has(self, diff_id: str) -> bool:
-        return stat.S_ISDIR(_lstat_mode(self._dir(diff_id)))
+        return stat.S_ISDIR(_lstat_mode(self.location(diff_id)))
 
     def path(self, diff_id: str) -> Path:
         """The snapshot directory of ``diff_id``; SnapshotNotFound if it is not unpacked."""
-        path = self._dir(diff_id)
+        path = self.location(diff_id)
         if not stat.S_ISDIR(_lstat_mode(path)):
             raise SnapshotNotFound(f"layer {diff_id} is not unpacked", diff_id=diff_id)
         return path
@@ -352,7 +353,7 @@ class SnapshotStore:
         when it returns; if it raises, the directory is deleted and the error propagates.
         Concurrent calls for one diff_id, in any task, thread or process, fill it once.
         """
-        final = self._dir(diff_id)
+        final = self.location(diff_id)
         hexd = final.name
         async with _flock(self._locks / hexd):
             if self.has(diff_id):
@@ -377,7 +378,7 @@ class SnapshotStore:
 
     async def remove(self, diff_id: str) -> None:
         """Delete a snapshot. Idempotent; SnapshotInUse while a root filesystem stacks it."""
-        final = self._dir(diff_id)
+        final = self.location(diff_id)
         users = [r.key for r in self.list_rootfs() if diff_id in r.diff_ids]
         if users:
             raise SnapshotInUse(
