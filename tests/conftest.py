@@ -14,7 +14,7 @@ import pytest
 from magikrun.platform import Paths
 
 if TYPE_CHECKING:
-    from _registry import RegistryServer
+    from tests._registry import RegistryServer
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ REGISTRY_USERS = {"alice": "wonderland"}
 @pytest.fixture(scope="session")
 def registry() -> Iterator[RegistryServer]:
     """Debian's docker-registry on a free 127.0.0.1 port, anonymous (one per xdist worker)."""
-    from _registry import RegistryServer
+    from tests._registry import RegistryServer
 
     server = RegistryServer().start()
     try:
@@ -55,7 +55,7 @@ def registry() -> Iterator[RegistryServer]:
 @pytest.fixture(scope="session")
 def auth_registry() -> Iterator[RegistryServer]:
     """docker-registry behind htpasswd Basic auth with the accounts of REGISTRY_USERS."""
-    from _registry import RegistryServer
+    from tests._registry import RegistryServer
 
     server = RegistryServer(users=REGISTRY_USERS).start()
     try:
@@ -68,7 +68,7 @@ def auth_registry() -> Iterator[RegistryServer]:
 def token_registry() -> Iterator[RegistryServer]:
     """docker-registry with Bearer token auth, and its token service (``.token``) on loopback:
     REGISTRY_USERS may push and pull, anonymous callers may pull ``public/*``."""
-    from _registry import RegistryServer, TokenServer
+    from tests._registry import RegistryServer, TokenServer
 
     token = TokenServer(REGISTRY_USERS).start()
     server = RegistryServer(token=token)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _registry import RegistryServer, busybox_layer, make_image, push_image, unique_repo
+from tests._registry import RegistryServer, busybox_layer, make_image, push_image, unique_repo
 
 from magikrun.image import (
     BUSYBOX_DEMO_REF,

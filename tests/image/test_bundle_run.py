@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import requires_root
+from tests.conftest import requires_root
 
 from magikrun.image import BundleBuilder, ContainerConfig, Resources
 from magikrun.platform import Paths

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from _registry import (
+from tests._registry import (
     HttpTap,
     RegistryServer,
     Seen,
@@ -25,7 +25,7 @@ from _registry import (
     serve_image,
     unique_repo,
 )
-from conftest import REGISTRY_USERS, requires_root
+from tests.conftest import REGISTRY_USERS, requires_root
 
 from magikrun.errors import (
     DigestMismatch,

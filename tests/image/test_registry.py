@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _registry import file_layer, make_image
+from tests._registry import file_layer, make_image
 
 from magikrun.errors import (
     DigestMismatch,

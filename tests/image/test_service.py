@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _registry import (
+from tests._registry import (
     RegistryServer,
     TestImage,
     busybox_layer,
@@ -19,7 +19,7 @@ from _registry import (
     push_image,
     unique_repo,
 )
-from conftest import requires_root
+from tests.conftest import requires_root
 
 from magikrun.errors import ImageNotFound, ImagePullFailed, InvalidArgument
 from magikrun.image import (

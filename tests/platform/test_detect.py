@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import requires_root
+from tests.conftest import requires_root
 
 from magikrun.errors import StorageError
 from magikrun.platform import (

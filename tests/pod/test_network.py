@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import requires_root
+from tests.conftest import requires_root
 
 from magikrun.errors import InvalidArgument, PodNetworkError
 from magikrun.platform import Paths

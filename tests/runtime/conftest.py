@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _bundles import native_bundle
-from test_wasm_runtime import conformance_bundle
+from tests.runtime._bundles import native_bundle
+from tests.runtime.test_wasm_runtime import conformance_bundle
 
 from magikrun.platform import Paths
 from magikrun.runtime import NativeRuntime, OciRuntime

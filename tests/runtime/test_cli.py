@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from _bundles import native_bundle
+from tests.runtime._bundles import native_bundle
 
 from magikrun.platform import Paths
 

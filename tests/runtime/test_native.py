@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _bundles import native_bundle
+from tests.runtime._bundles import native_bundle
 
 from magikrun.errors import CreateFailed, InvalidBundle, InvalidState
 from magikrun.platform import Paths
