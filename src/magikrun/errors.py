@@ -34,7 +34,11 @@ attributes so that callers need not parse messages::
     ├── PodError
     │   ├── InvalidPodSpec              a Pod manifest is malformed or asks for what we refuse
     │   │   └── PodSpecTooLarge         (also a LimitExceeded)
-    │   └── PodNetworkError             a CNI plugin or network namespace step failed
+    │   ├── PodNetworkError             a CNI plugin or network namespace step failed
+    │   ├── PodNotFound
+    │   ├── PodExists
+    │   ├── PodStartFailed              run_pod failed; everything it made was undone
+    │   └── RollbackFailed              undoing a failed step failed too (carries both)
     ├── StorageError
     │   ├── InvalidDigest
     │   ├── BlobNotFound
@@ -80,9 +84,13 @@ __all__ = [
     "NotSupported",
     "PathTraversal",
     "PodError",
+    "PodExists",
     "PodNetworkError",
+    "PodNotFound",
     "PodSpecTooLarge",
+    "PodStartFailed",
     "RegistryAuthError",
+    "RollbackFailed",
     "RootfsExists",
     "RuntimeUnavailable",
     "SnapshotInUse",
@@ -263,6 +271,30 @@ class PodNetworkError(PodError):
     """Raised when creating or tearing down a pod's network namespace or CNI attachment fails."""
 
     default_hint = "check the CNI plugins in /usr/lib/cni and that magikrun runs as root"
+
+
+class PodNotFound(PodError):
+    """Raised when no pod has the given name or id."""
+
+    default_hint = "list pods with 'magikrun pod ls'"
+
+
+class PodExists(PodError):
+    """Raised when running a pod whose namespace/name is taken; the existing pod is untouched."""
+
+    default_hint = "remove the existing pod first ('magikrun pod rm NAME') or rename the new one"
+
+
+class PodStartFailed(PodError):
+    """Raised when run_pod fails; ``container`` and ``step`` say where, ``undone`` lists undos."""
+
+    default_hint = "fix the cause named in the message; nothing of the pod was left behind"
+
+
+class RollbackFailed(PodError):
+    """Raised when undoing a failed pod start failed too; ``original`` and ``cleanup_errors``."""
+
+    default_hint = "run 'magikrun system gc' to retry the cleanup of what was left"
 
 
 class StorageError(MagikrunError):

@@ -1,4 +1,4 @@
-"""Pods: the ``PodSpec`` model of Kubernetes Pod manifests and native pod networking."""
+"""Pods: the ``PodSpec`` model of Kubernetes Pod manifests, pod networking and pod runtimes."""
 
 from ._hostfiles import (
     etc_hostname as etc_hostname,
@@ -28,14 +28,26 @@ from ._quantity import memory_bytes as memory_bytes
 from ._quantity import parse_quantity as parse_quantity
 from ._spec import *  # noqa: F403
 from ._spec import __all__ as _spec_all
+from ._types import ContainerInfo as ContainerInfo
+from ._types import LogLine as LogLine
+from ._types import PodHandle as PodHandle
+from ._types import PodPhase as PodPhase
+from ._types import PodRuntime as PodRuntime
+from ._types import PodStatus as PodStatus
 
 __all__ = sorted(
     [
         *_spec_all,
+        "ContainerInfo",
         "DEFAULT_BRIDGE",
         "DEFAULT_SUBNET",
+        "LogLine",
         "NetworkStatus",
+        "PodHandle",
         "PodNetwork",
+        "PodPhase",
+        "PodRuntime",
+        "PodStatus",
         "PortMapping",
         "cpu_millicores",
         "create_netns",
