@@ -30,7 +30,9 @@ attributes so that callers need not parse messages::
     ├── BackendError
     │   ├── RuntimeUnavailable
     │   ├── NotSupported
-    │   └── BackendFailed
+    │   ├── BackendFailed
+    │   │   └── VmBootFailed            a microVM died or missed its boot deadline
+    │   └── VmControlError              a microVM's control channel refused or broke a request
     ├── PodError
     │   ├── InvalidPodSpec              a Pod manifest is malformed or asks for what we refuse
     │   │   └── PodSpecTooLarge         (also a LimitExceeded)
@@ -99,6 +101,8 @@ __all__ = [
     "StorageFull",
     "UnsafeLayer",
     "UnsupportedMediaType",
+    "VmBootFailed",
+    "VmControlError",
 ]
 
 
@@ -249,6 +253,18 @@ class NotSupported(BackendError):
 
 class BackendFailed(BackendError):
     """Raised when a backend program or library reports an error."""
+
+
+class VmBootFailed(BackendFailed):
+    """Raised when a microVM exits, fails to start or misses its boot deadline before ready."""
+
+    default_hint = "read the guest console log named in the error (it shows how far the boot got)"
+
+
+class VmControlError(BackendError):
+    """Raised when a microVM's init refuses a control request or the channel breaks."""
+
+    default_hint = "the VM may have stopped; check its status and console log"
 
 
 class PodError(MagikrunError):

@@ -45,6 +45,11 @@ __all__ = [
     "MAX_WASM_MODULE_SIZE",
     "MIN_MEMORY_BYTES",
     "TOOL_VERSION_TIMEOUT",
+    "VM_BOOT_TIMEOUT",
+    "VM_CONTROL_MAX_FRAME",
+    "VM_CONTROL_TIMEOUT",
+    "VM_EXEC_MAX_OUTPUT",
+    "VM_LOG_MAX_LINES",
 ]
 
 KiB = 1024
@@ -127,3 +132,13 @@ MAX_PATH_LEN = 4096
 """Bytes of one layer entry's path or link target (Linux's PATH_MAX)."""
 MAX_PATH_DEPTH = 256
 """Components of one layer entry's path: bounds the recursion over extracted trees."""
+VM_BOOT_TIMEOUT = 60.0
+"""Seconds a microVM may take from launch to its init reporting ready (TCG boots take ~2-4 s)."""
+VM_CONTROL_MAX_FRAME = 4 * MiB
+"""Bytes of one message on a microVM's control channel (one JSON line)."""
+VM_CONTROL_TIMEOUT = 30.0
+"""Seconds a control request to a microVM's init may take unless the request says otherwise."""
+VM_EXEC_MAX_OUTPUT = 1 * MiB
+"""Bytes of stdout (and of stderr) one exec in a microVM returns; more is cut and flagged."""
+VM_LOG_MAX_LINES = 10_000
+"""Log records a microVM's init keeps per process (older ones are dropped, and counted)."""
