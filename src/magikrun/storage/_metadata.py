@@ -178,6 +178,14 @@ class MetadataStore:
                 (component, len(steps)),
             )
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection inside ``BEGIN IMMEDIATE`` … ``COMMIT``: for the tables
+        other components add with :meth:`migrate`."""
+        conn = self._db
+        with _transaction(conn):
+            yield conn
+
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
