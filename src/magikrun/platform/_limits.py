@@ -44,6 +44,9 @@ __all__ = [
     "MAX_WASM_MEMORY_PAGES",
     "MAX_WASM_MODULE_SIZE",
     "MIN_MEMORY_BYTES",
+    "POD_ROLLBACK_TIMEOUT",
+    "RESTART_BACKOFF_BASE",
+    "RESTART_BACKOFF_CAP",
     "TOOL_VERSION_TIMEOUT",
     "VM_BOOT_TIMEOUT",
     "VM_CONTROL_MAX_FRAME",
@@ -142,3 +145,9 @@ VM_EXEC_MAX_OUTPUT = 1 * MiB
 """Bytes of stdout (and of stderr) one exec in a microVM returns; more is cut and flagged."""
 VM_LOG_MAX_LINES = 10_000
 """Log records a microVM's init keeps per process (older ones are dropped, and counted)."""
+POD_ROLLBACK_TIMEOUT = 120.0
+"""Seconds undoing a failed pod start may take before the rest is left to ``system gc``."""
+RESTART_BACKOFF_BASE = 1.0
+"""Seconds before a pod's supervisor restarts a container the first time (doubling after)."""
+RESTART_BACKOFF_CAP = 10.0
+"""The longest wait between restarts of one container."""
