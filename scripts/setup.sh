@@ -8,7 +8,7 @@ cd "$here"
 packages=(
     crun runc conmon docker-registry skopeo umoci busybox-static
     qemu-system-x86 linux-image-amd64 passt containernetworking-plugins
-    iproute2 iptables wabt apache2-utils podman hyperfine
+    iproute2 iptables wabt apache2-utils podman catatonit hyperfine
     python3-venv
 )
 
