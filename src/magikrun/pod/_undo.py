@@ -1,0 +1,135 @@
+"""The undo step of every kind of pod resource, shared by rollback, delete and recovery.
+
+Each undo is idempotent and works from the recorded intent alone (kind, key, data), so
+the same step undoes a resource that was fully made, half made or never made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from ..errors import ContainerNotFound, MagikrunError, PodError
+from ..platform._paths import Paths
+from ..runtime import NativeRuntime
+from ..runtime._store import process_start_time
+from ..storage import SnapshotStore
+from ._netns import delete_netns
+from ._network import PodNetwork
+from ._state import PodRecord, PodStore, Resource
+from ._volumes import remove_pod_dir
+
+__all__ = ["recover_pods", "stop_process", "undo_resource"]
+
+_STOP_WAIT = 10.0
+_POLL = 0.02
+
+
+async def undo_resource(paths: Paths, resource: Resource) -> None:
+    """Undo one resource; a missing resource is fine."""
+    kind, data = resource.kind, resource.data
+    if kind == "container":
+        runtime = _container_runtime(paths, str(data["backend"]))
+        try:
+            await runtime.delete(resource.key, force=True)
+        except ContainerNotFound:
+            pass
+    elif kind == "rootfs":
+        rootfs = SnapshotStore(paths).rootfs(resource.key)
+        if rootfs is not None:
+            await rootfs.remove()
+    elif kind == "poddir":
+        await asyncio.to_thread(remove_pod_dir, Path(data["path"]))
+    elif kind == "bundle":
+        await asyncio.to_thread(_remove_tree, Path(data["path"]))
+    elif kind == "netns":
+        await asyncio.to_thread(delete_netns, Path(data["path"]))
+    elif kind == "network":
+        network = PodNetwork(paths, bridge=str(data["bridge"]), subnet=str(data["subnet"]))
+        await network.delete(resource.pod_id, Path(data["netns"]))
+    elif kind == "supervisor":
+        await stop_process(Path(data["pid_file"]))
+    else:
+        raise PodError(
+            f"pod {resource.pod_id} has a resource of unknown kind {kind!r}",
+            hint="this root was used by a newer magikrun; use that version to remove the pod",
+            pod_id=resource.pod_id,
+        )
+
+
+def _remove_tree(path: Path) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+
+
+def _container_runtime(paths: Paths, backend: str) -> NativeRuntime:
+    if backend == "wasm":
+        from ..runtime._wasmtime import WasmtimeRuntime
+
+        return WasmtimeRuntime(paths)  # type: ignore[return-value]
+    return NativeRuntime(paths)
+
+
+def read_pid_file(pid_file: Path) -> tuple[int, int | None] | None:
+    """``(pid, start time)`` from a ``PID START`` file, or None if absent."""
+    try:
+        pid_text, _, start_text = pid_file.read_text().partition(" ")
+    except FileNotFoundError:
+        return None
+    return int(pid_text), int(start_text) if start_text.strip() else None
+
+
+async def stop_process(pid_file: Path) -> None:
+    """TERM the process a pid file names (if it is still that process), KILL after a wait."""
+    found = read_pid_file(pid_file)
+    if found is None:
+        return
+    pid, start = found
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if process_start_time(pid) != start:
+            break
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STOP_WAIT
+        while process_start_time(pid) == start and loop.time() < deadline:
+            await asyncio.sleep(_POLL)
+    pid_file.unlink(missing_ok=True)
+
+
+async def undo_all(paths: Paths, store: PodStore, record: PodRecord) -> list[str]:
+    """Undo every recorded resource of a pod in reverse; the errors, as text."""
+    errors = []
+    for resource in reversed(store.resources(record.id)):
+        try:
+            await undo_resource(paths, resource)
+        except (MagikrunError, OSError) as exc:
+            errors.append(f"{resource.kind} {resource.key}: {exc}")
+        else:
+            store.forget(resource)
+    return errors
+
+
+async def recover_pods(paths: Paths, store: PodStore | None = None) -> list[str]:
+    """Roll back half-made pods whose creator is gone; the ids of the pods removed.
+
+    Pods that were fully started are left alone. Called by every pod runtime on first
+    use and by ``magikrun system gc``.
+    """
+    store = store or PodStore(paths)
+    recovered = []
+    for record in store.list():
+        abandoned = record.state == "creating" and not record.owner_alive()
+        if not (abandoned or (record.state == "failed" and not record.owner_alive())):
+            continue
+        if not store.claim(record, "failed"):
+            continue
+        if not await undo_all(paths, store, record):
+            store.remove(record.id)
+            recovered.append(record.id)
+    return recovered
