@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ContainerNotFound, MagikrunError, PodError
 from ..platform._paths import Paths
-from ..runtime import NativeRuntime
+from ..runtime import NativeRuntime, OciRuntime
 from ..runtime._store import process_start_time
 from ..storage import SnapshotStore
 from ._netns import delete_netns
@@ -22,7 +22,7 @@ from ._network import PodNetwork
 from ._state import PodRecord, PodStore, Resource
 from ._volumes import remove_pod_dir
 
-__all__ = ["recover_pods", "stop_process", "undo_resource"]
+__all__ = ["container_runtime", "recover_pods", "stop_process", "undo_resource"]
 
 _STOP_WAIT = 10.0
 _POLL = 0.02
@@ -32,7 +32,7 @@ async def undo_resource(paths: Paths, resource: Resource) -> None:
     """Undo one resource; a missing resource is fine."""
     kind, data = resource.kind, resource.data
     if kind == "container":
-        runtime = _container_runtime(paths, str(data["backend"]))
+        runtime = container_runtime(paths, str(data["backend"]))
         try:
             await runtime.delete(resource.key, force=True)
         except ContainerNotFound:
@@ -65,11 +65,12 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _container_runtime(paths: Paths, backend: str) -> NativeRuntime:
+def container_runtime(paths: Paths, backend: str) -> OciRuntime:
+    """The single-container runtime of a pod backend (wasmtime imported only for wasm)."""
     if backend == "wasm":
         from ..runtime._wasmtime import WasmtimeRuntime
 
-        return WasmtimeRuntime(paths)  # type: ignore[return-value]
+        return WasmtimeRuntime(paths)
     return NativeRuntime(paths)
 
 

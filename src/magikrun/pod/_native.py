@@ -1,0 +1,441 @@
+"""Native pods: an infra container holding the namespaces, app containers run by crun.
+
+```python
+runtime = NativePodRuntime(Paths.resolve())
+handle = await runtime.run_pod(PodSpec.from_yaml(manifest))
+await runtime.stop_pod(handle.id)
+await runtime.delete_pod(handle.id)
+```
+
+``run_pod`` goes: record → pull every image and prepare every bundle, concurrently →
+network namespace → CNI ADD → infra container → init containers in order → app
+containers created, then started → supervisor (restart policy). Every step is a
+recorded intent with its undo (see :mod:`._base`), so any failure, or a crash, leaves
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import PodError
+from ..image import BundleBuilder, ContainerConfig, Image, ImageService, Mount, ProgressCallback
+from ..image import Resources as BundleResources
+from ..platform._limits import DEFAULT_MEMORY_BYTES, EXEC_TIMEOUT, RESTART_BACKOFF_BASE
+from ..platform._paths import Paths
+from ..runtime import ContainerState, ExecResult, NativeRuntime
+from ._base import PodRuntimeBase, _Where, container_id, infra_id, pod_dir
+from ._fault import FaultHook
+from ._hostfiles import write_etc_files
+from ._netns import create_netns
+from ._network import PodNetwork, PortMapping
+from ._rollback import Rollback
+from ._spec import Container, PodSpec, RuntimeFields, resolve_env
+from ._types import PodHandle
+from ._volumes import container_mounts, prepare_volumes
+
+__all__ = ["NativePodRuntime"]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_MS_BIND = 0x1000
+_MS_RDONLY = 0x1
+_MS_REMOUNT = 0x20
+_SHARED_NS = ("ipc", "uts", "pid")
+"""Namespaces the infra container holds besides the network one (bound under ``ns/``)."""
+
+
+def _bind(source: str, target: Path, *, readonly: bool = False) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(target), None, _MS_BIND, None) != 0:
+        code = ctypes.get_errno()
+        raise PodError(f"cannot bind {source} on {target}: {os.strerror(code)}", path=str(target))
+    if readonly:
+        flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY
+        if _libc.mount(None, os.fsencode(target), None, flags, None) != 0:
+            code = ctypes.get_errno()
+            raise PodError(f"cannot make {target} read-only: {os.strerror(code)}", path=str(target))
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _python_mounts() -> list[Mount]:
+    """Read-only binds of the filesystems this Python lives on, beyond the root one."""
+    import magikrun
+
+    wanted = {sys.base_prefix, sys.prefix, sys.executable, os.path.dirname(magikrun.__file__)}
+    points = sorted({_mount_point(p) for p in wanted} - {"/"})
+    return [Mount(destination=p, source=p, options=("rbind", "ro")) for p in points]
+
+
+class NativePodRuntime(PodRuntimeBase):
+    """Pods of native Linux containers (crun, or runc) on a CNI bridge network.
+
+    Parameters:
+        paths: the magikrun root.
+        oci_binary: ``"crun"`` (default when it works here) or ``"runc"``.
+        network: the pods' network (default: ``PodNetwork(paths)``, the ``magikrun0`` bridge).
+        fault_hook: called with each step's name (tests); ``$MAGIKRUN_FAULT`` otherwise.
+        restart_backoff: seconds before the first restart of a container (doubling, capped).
+        progress: receives pull progress events.
+    """
+
+    name = "native"
+    backend = "native"
+
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        oci_binary: str | None = None,
+        network: PodNetwork | None = None,
+        fault_hook: FaultHook | None = None,
+        restart_backoff: float = RESTART_BACKOFF_BASE,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        super().__init__(paths, fault_hook=fault_hook, restart_backoff=restart_backoff)
+        self.images = ImageService(paths)
+        self.builder = BundleBuilder(paths)
+        self.runtime = NativeRuntime(paths, oci_binary=oci_binary, store=self.containers)
+        self.network = network or PodNetwork(paths)
+        self.progress = progress
+
+    def _runtime(self) -> NativeRuntime:
+        return self.runtime
+
+    async def run_pod(self, spec: PodSpec) -> PodHandle:
+        """Start the whole pod, or nothing: ``PodStartFailed`` names the step and container."""
+        await self._ready()
+        record = self.store.create(spec, self.name)
+        pod = record.id
+        where = _Where()
+        directory = pod_dir(self.paths, pod)
+        async with self._rollback(spec, where) as rollback:
+            rollback.push("record", lambda: self._drop_record(pod, rollback))
+            self._at(where, "pull")
+            images = await self._pull_all(spec, where)
+            self._at(where, "bundle")
+            netns = directory / "ns" / "net" if spec.host_network else self.network.netns_path(pod)
+            await self._make(
+                rollback,
+                pod,
+                "poddir",
+                pod,
+                {"path": str(directory)},
+                lambda: asyncio.to_thread(self._make_pod_dir, spec, directory),
+            )
+            volumes = await asyncio.to_thread(prepare_volumes, spec, directory)
+            ip = ""
+            configs = {
+                c.name: self._config(spec, c, directory, netns, volumes, ip)
+                for c in (*spec.init_containers, *spec.containers)
+            }
+            await _together(
+                [
+                    self._infra_bundle(rollback, spec, directory, netns, where),
+                    *(
+                        self._bundle(rollback, pod, c, images[c.image], configs[c.name], where)
+                        for c in (*spec.init_containers, *spec.containers)
+                    ),
+                ]
+            )
+            if not spec.host_network:
+                self._at(where, "netns")
+                await self._make(
+                    rollback,
+                    pod,
+                    "netns",
+                    pod,
+                    {"path": str(netns)},
+                    lambda: asyncio.to_thread(create_netns, netns),
+                )
+                self._at(where, "network")
+                status = await self._make(
+                    rollback,
+                    pod,
+                    "network",
+                    pod,
+                    {
+                        "bridge": self.network.bridge,
+                        "subnet": self.network.subnet,
+                        "netns": str(netns),
+                    },
+                    lambda: self.network.add(pod, netns, PortMapping.from_spec(spec)),
+                )
+                ip = status.ip
+                self.store.update(pod, ip=ip)
+                await self._rebuild_for_ip(
+                    spec,
+                    pod,
+                    c_images=images,
+                    ip=ip,
+                    directory=directory,
+                    netns=netns,
+                    volumes=volumes,
+                )
+            await asyncio.to_thread(write_etc_files, spec, directory / "etc", pod_ip=ip or None)
+            self._at(where, "infra")
+            await self._start_infra(rollback, pod, directory)
+            for init in spec.init_containers:
+                self._at(where, "init", init.name)
+                await self._run_init(rollback, pod, init)
+            for c in spec.containers:
+                self._at(where, "create", c.name)
+                await self._create(rollback, pod, container_id(pod, c.name))
+            for c in spec.containers:
+                self._at(where, "start", c.name)
+                await self.runtime.start(container_id(pod, c.name))
+            self._at(where, "supervisor")
+            await self._start_supervisor(rollback, spec, directory)
+            self.store.update(pod, state="ready")
+            rollback.pop_all()
+        return PodHandle(pod, spec.name, spec.namespace, self.name, ip or None)
+
+    async def _pull_all(self, spec: PodSpec, where: _Where) -> dict[str, Image]:
+        wanted: dict[str, Container] = {}
+        for c in (*spec.init_containers, *spec.containers):
+            wanted.setdefault(c.image, c)
+        images: dict[str, Image] = {}
+
+        async def pull(container: Container) -> None:
+            try:
+                images[container.image] = await self.images.pull(
+                    container.image,
+                    policy=container.image_pull_policy.value,
+                    progress=self.progress,
+                )
+            except BaseException:
+                where.container = container.name
+                raise
+
+        await _together([pull(c) for c in wanted.values()])
+        return images
+
+    def _make_pod_dir(self, spec: PodSpec, directory: Path) -> None:
+        """The pod's directory: etc files (filled once the IP is known), ns files, infra root."""
+        directory.mkdir(mode=0o711, parents=True)
+        write_etc_files(spec, directory / "etc", pod_ip=None)
+        ns = directory / "ns"
+        ns.mkdir(mode=0o700)
+        for name in (*_SHARED_NS, "net"):
+            (ns / name).touch(mode=0o444)
+        if spec.host_network:
+            _bind("/proc/self/ns/net", ns / "net")
+        root = directory / "infra-root"
+        root.mkdir(mode=0o755)
+        _bind("/", root, readonly=True)
+
+    def _config(
+        self,
+        spec: PodSpec,
+        c: Container,
+        directory: Path,
+        netns: Path,
+        volumes: dict[str, Path],
+        ip: str,
+    ) -> ContainerConfig:
+        cid = container_id(spec.id, c.name)
+        sc = c.security_context
+        user = None
+        if sc.run_as_user is not None:
+            user = f"{sc.run_as_user}:{sc.run_as_group if sc.run_as_group is not None else 0}"
+        namespaces = {"network": str(netns)}
+        namespaces["ipc"] = str(directory / "ns" / "ipc")
+        namespaces["uts"] = str(directory / "ns" / "uts")
+        if spec.share_process_namespace:
+            namespaces["pid"] = str(directory / "ns" / "pid")
+        etc = directory / "etc"
+        mounts = [
+            Mount(destination=f"/etc/{n}", source=str(etc / n), options=("bind", "ro"))
+            for n in ("hosts", "resolv.conf", "hostname")
+        ]
+        env = resolve_env(c, spec, RuntimeFields(pod_ip=ip, host_ip="127.0.0.1"))
+        env.setdefault("HOSTNAME", spec.effective_hostname)
+        return ContainerConfig(
+            name=cid,
+            command=c.command,
+            args=c.args,
+            env=env,
+            working_dir=c.working_dir,
+            user=user,
+            readonly_rootfs=sc.read_only_root_filesystem,
+            capabilities_add=sc.capabilities.add,
+            capabilities_drop=sc.capabilities.drop,
+            no_new_privileges=sc.allow_privilege_escalation is not True,
+            privileged=sc.privileged,
+            resources=BundleResources(
+                memory_bytes=c.resources.limits.memory_bytes or DEFAULT_MEMORY_BYTES,
+                cpu_millicores=c.resources.limits.cpu_millicores,
+            ),
+            namespaces=namespaces,
+            mounts=[*mounts, *container_mounts(c, spec, volumes)],
+            annotations={
+                "io.kubernetes.pod.name": spec.name,
+                "io.kubernetes.pod.namespace": spec.namespace,
+                "io.kubernetes.container.name": c.name,
+            },
+        )
+
+    async def _bundle(
+        self,
+        rollback: Rollback,
+        pod: str,
+        c: Container,
+        image: Image,
+        config: ContainerConfig,
+        where: _Where,
+    ) -> None:
+        cid = config.name
+        try:
+            rootfs = await self._make(
+                rollback,
+                pod,
+                "rootfs",
+                cid,
+                {},
+                lambda: self.images.prepare_rootfs(image, cid),
+            )
+            bundle_dir = self.paths.bundles / cid
+            await self._make(
+                rollback,
+                pod,
+                "bundle",
+                cid,
+                {"path": str(bundle_dir)},
+                lambda: asyncio.to_thread(
+                    self.builder.build_oci_bundle, image, config, rootfs.path, bundle_dir
+                ),
+            )
+        except BaseException:
+            where.container = c.name
+            raise
+
+    async def _rebuild_for_ip(
+        self,
+        spec: PodSpec,
+        pod: str,
+        *,
+        c_images: dict[str, Image],
+        ip: str,
+        directory: Path,
+        netns: Path,
+        volumes: dict[str, Path],
+    ) -> None:
+        """Rewrite the config of containers whose env refers to the pod IP, now known."""
+        for c in (*spec.init_containers, *spec.containers):
+            if not any(v.field_ref in ("status.podIP", "status.podIPs") for v in c.env):
+                continue
+            cid = container_id(pod, c.name)
+            config = self._config(spec, c, directory, netns, volumes, ip)
+            rootfs = self.images.snapshots.rootfs(cid)
+            assert rootfs is not None
+            await asyncio.to_thread(
+                self.builder.build_oci_bundle,
+                c_images[c.image],
+                config,
+                rootfs.path,
+                self.paths.bundles / cid,
+            )
+
+    async def _infra_bundle(
+        self, rollback: Rollback, spec: PodSpec, directory: Path, netns: Path, where: _Where
+    ) -> None:
+        cid = infra_id(spec.id)
+        config = ContainerConfig(
+            name=cid,
+            command=[sys.executable, "-I", "-m", "magikrun.infra", spec.id],
+            hostname=spec.effective_hostname,
+            readonly_rootfs=True,
+            capabilities_drop=("ALL",),
+            namespaces={"network": str(netns)},
+            mounts=_python_mounts(),
+            resources=BundleResources(memory_bytes=DEFAULT_MEMORY_BYTES),
+        )
+        bundle_dir = self.paths.bundles / cid
+        try:
+            await self._make(
+                rollback,
+                spec.id,
+                "bundle",
+                cid,
+                {"path": str(bundle_dir)},
+                lambda: asyncio.to_thread(
+                    self.builder.build_oci_bundle,
+                    None,
+                    config,
+                    directory / "infra-root",
+                    bundle_dir,
+                ),
+            )
+        except BaseException:
+            where.container = "infra"
+            raise
+
+    async def _create(self, rollback: Rollback, pod: str, cid: str) -> ContainerState:
+        return await self._make(
+            rollback,
+            pod,
+            "container",
+            cid,
+            {"backend": "native"},
+            lambda: self.runtime.create(cid, self.paths.bundles / cid),
+        )
+
+    async def _start_infra(self, rollback: Rollback, pod: str, directory: Path) -> None:
+        cid = infra_id(pod)
+        state = await self._create(rollback, pod, cid)
+        assert state.pid is not None
+        for name in _SHARED_NS:
+            await asyncio.to_thread(_bind, f"/proc/{state.pid}/ns/{name}", directory / "ns" / name)
+        await self.runtime.start(cid)
+
+    async def _run_init(self, rollback: Rollback, pod: str, init: Container) -> None:
+        cid = container_id(pod, init.name)
+        await self._create(rollback, pod, cid)
+        await self.runtime.start(cid)
+        code = await self.runtime.wait(cid)
+        if code != 0:
+            raise PodError(
+                f"init container {init.name!r} exited with code {code}",
+                hint=f"see its log: magikrun pod logs {pod} -c {init.name}",
+                container=init.name,
+                exit_code=code,
+            )
+
+    async def exec(
+        self,
+        pod_id: str,
+        container: str | None,
+        argv: Sequence[str],
+        *,
+        timeout: float = EXEC_TIMEOUT,
+    ) -> ExecResult:
+        """Run ``argv`` in an app container (the first one when ``container`` is None)."""
+        cid, argv = await self._exec_checked(pod_id, container, argv)
+        return await self.runtime.exec(cid, argv, timeout=timeout)
+
+
+async def _together(steps: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run coroutines in a task group; raise the first failure itself, not a group."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for step in steps:
+                group.create_task(step)
+    except BaseExceptionGroup as failures:
+        raise _first(failures) from None
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
