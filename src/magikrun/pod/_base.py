@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from .. import _process
 from ..errors import (
@@ -27,7 +27,13 @@ from ..errors import (
 )
 from ..platform._limits import RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
-from ..runtime import ContainerRecord, ContainerStatus, ContainerStore, OciRuntime
+from ..runtime import (
+    ContainerRecord,
+    ContainerState,
+    ContainerStatus,
+    ContainerStore,
+    OciRuntime,
+)
 from ..runtime._monitor import read_exit
 from ..runtime._store import process_start_time
 from ._fault import FaultHook, fault_from_env
@@ -71,7 +77,7 @@ class _Where:
 class PodRuntimeBase:
     """The shared half of a pod runtime; subclasses implement ``_start`` and the backend."""
 
-    name: RuntimeName
+    name: str
     backend: Literal["native", "wasm"]
 
     def __init__(
@@ -120,6 +126,18 @@ class PodRuntimeBase:
         result = await create()
         self.store.done(resource)
         return result
+
+    async def _create(self, rollback: Rollback, pod: str, cid: str) -> ContainerState:
+        """Create container ``cid`` from its bundle, as a recorded resource of ``pod``."""
+        runtime = self._runtime()
+        return await self._make(
+            rollback,
+            pod,
+            "container",
+            cid,
+            {"backend": self.backend},
+            lambda: runtime.create(cid, self.paths.bundles / cid),
+        )
 
     async def _undo(self, resource: Resource) -> None:
         await undo_resource(self.paths, resource)
@@ -224,7 +242,7 @@ class PodRuntimeBase:
             id=record.id,
             name=record.name,
             namespace=record.namespace,
-            runtime=self.name,
+            runtime=cast(RuntimeName, self.name),
             phase=phase,
             ip=record.ip,
             containers=(*infos, *apps),

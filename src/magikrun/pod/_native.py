@@ -29,7 +29,7 @@ from ..image import BundleBuilder, ContainerConfig, Image, ImageService, Mount, 
 from ..image import Resources as BundleResources
 from ..platform._limits import DEFAULT_MEMORY_BYTES, EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
-from ..runtime import ContainerState, ExecResult, NativeRuntime
+from ..runtime import ExecResult, NativeRuntime
 from ._base import PodRuntimeBase, _Where, container_id, infra_id, pod_dir
 from ._fault import FaultHook
 from ._hostfiles import write_etc_files
@@ -198,7 +198,7 @@ class NativePodRuntime(PodRuntimeBase):
             await self._start_supervisor(rollback, spec, directory)
             self.store.update(pod, state="ready")
             rollback.pop_all()
-        return PodHandle(pod, spec.name, spec.namespace, self.name, ip or None)
+        return PodHandle(pod, spec.name, spec.namespace, self.backend, ip or None)
 
     async def _pull_all(self, spec: PodSpec, where: _Where) -> dict[str, Image]:
         wanted: dict[str, Container] = {}
@@ -379,16 +379,6 @@ class NativePodRuntime(PodRuntimeBase):
         except BaseException:
             where.container = "infra"
             raise
-
-    async def _create(self, rollback: Rollback, pod: str, cid: str) -> ContainerState:
-        return await self._make(
-            rollback,
-            pod,
-            "container",
-            cid,
-            {"backend": "native"},
-            lambda: self.runtime.create(cid, self.paths.bundles / cid),
-        )
 
     async def _start_infra(self, rollback: Rollback, pod: str, directory: Path) -> None:
         cid = infra_id(pod)

@@ -1,0 +1,191 @@
+"""WebAssembly pods: each container a WASI module in a wasmtime worker process of its own.
+
+Every module is fetched and compiled (``WasmtimeRuntime.create`` compiles and
+validates) before any runs; then init containers run in order and the app containers
+start. emptyDir and hostPath volumes (configMap and secret ones too) are host
+directories bind-mounted in the bundles, which the wasm backend preopens at their
+mount paths: the pod's modules share them. There is no network namespace: WASI
+preview 1 has no sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import NotSupported, PodError
+from ..image import (
+    BundleBuilder,
+    ContainerConfig,
+    Image,
+    ImageService,
+    ProgressCallback,
+    open_wasm_module,
+)
+from ..platform._limits import EXEC_TIMEOUT, RESTART_BACKOFF_BASE
+from ..platform._paths import Paths
+from ..runtime import ExecResult, OciRuntime
+from ._base import PodRuntimeBase, _Where, container_id, pod_dir
+from ._fault import FaultHook
+from ._native import _together
+from ._rollback import Rollback
+from ._spec import Container, PodSpec, resolve_env
+from ._types import PodHandle
+from ._volumes import container_mounts, prepare_volumes
+
+__all__ = ["WasmPodRuntime"]
+
+
+class WasmPodRuntime(PodRuntimeBase):
+    """Pods of WebAssembly modules run by wasmtime (WASI preview 1).
+
+    Parameters:
+        paths: the magikrun root.
+        fault_hook: called with each step's name (tests); ``$MAGIKRUN_FAULT`` otherwise.
+        restart_backoff: seconds before the first restart of a container (doubling, capped).
+        progress: receives pull progress events.
+    """
+
+    name = "wasm"
+    backend = "wasm"
+
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        fault_hook: FaultHook | None = None,
+        restart_backoff: float = RESTART_BACKOFF_BASE,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        super().__init__(paths, fault_hook=fault_hook, restart_backoff=restart_backoff)
+        from ..runtime._wasmtime import WasmtimeRuntime
+
+        self.images = ImageService(paths)
+        self.builder = BundleBuilder(paths)
+        self.runtime = WasmtimeRuntime(paths, store=self.containers)
+        self.progress = progress
+
+    def _runtime(self) -> OciRuntime:
+        return self.runtime
+
+    async def run_pod(self, spec: PodSpec) -> PodHandle:
+        """Start every module, or nothing: ``PodStartFailed`` names the step and container."""
+        await self._ready()
+        record = self.store.create(spec, self.name)
+        pod = record.id
+        where = _Where()
+        directory = pod_dir(self.paths, pod)
+        everything = (*spec.init_containers, *spec.containers)
+        async with self._rollback(spec, where) as rollback:
+            rollback.push("record", lambda: self._drop_record(pod, rollback))
+            self._at(where, "pull")
+            images: dict[str, Image] = {}
+            await _together([self._pull(c, images, where) for c in everything])
+            self._at(where, "bundle")
+            await self._make(
+                rollback,
+                pod,
+                "poddir",
+                pod,
+                {"path": str(directory)},
+                lambda: asyncio.to_thread(directory.mkdir, 0o711, True),
+            )
+            volumes = await asyncio.to_thread(prepare_volumes, spec, directory)
+            await _together(
+                [
+                    self._bundle(rollback, spec, c, images[c.image], volumes, where)
+                    for c in everything
+                ]
+            )
+            for c in everything:
+                self._at(where, "create", c.name)
+                await self._create(rollback, pod, container_id(pod, c.name))
+            for init in spec.init_containers:
+                self._at(where, "init", init.name)
+                cid = container_id(pod, init.name)
+                await self.runtime.start(cid)
+                code = await self.runtime.wait(cid)
+                if code != 0:
+                    raise PodError(
+                        f"init container {init.name!r} exited with code {code}",
+                        hint=f"see its log: magikrun pod logs {pod} -c {init.name}",
+                        container=init.name,
+                        exit_code=code,
+                    )
+            for c in spec.containers:
+                self._at(where, "start", c.name)
+                await self.runtime.start(container_id(pod, c.name))
+            self._at(where, "supervisor")
+            await self._start_supervisor(rollback, spec, directory)
+            self.store.update(pod, state="ready")
+            rollback.pop_all()
+        return PodHandle(pod, spec.name, spec.namespace, self.backend, None)
+
+    async def _pull(self, c: Container, images: dict[str, Image], where: _Where) -> None:
+        try:
+            images[c.image] = await self.images.pull(
+                c.image, policy=c.image_pull_policy.value, progress=self.progress
+            )
+        except BaseException:
+            where.container = c.name
+            raise
+
+    async def _bundle(
+        self,
+        rollback: Rollback,
+        spec: PodSpec,
+        c: Container,
+        image: Image,
+        volumes: dict[str, Path],
+        where: _Where,
+    ) -> None:
+        cid = container_id(spec.id, c.name)
+        config = ContainerConfig(
+            name=cid,
+            command=c.command,
+            args=c.args,
+            env=resolve_env(c, spec),
+            working_dir=c.working_dir,
+            mounts=container_mounts(c, spec, volumes),
+            annotations={
+                "io.kubernetes.pod.name": spec.name,
+                "io.kubernetes.pod.namespace": spec.namespace,
+                "io.kubernetes.container.name": c.name,
+            },
+        )
+        bundle_dir = self.paths.bundles / cid
+
+        def build() -> None:
+            with open_wasm_module(image, self.images.open_blob) as module:
+                self.builder.build_wasm_bundle(image, config, module, bundle_dir)
+
+        try:
+            await self._make(
+                rollback,
+                spec.id,
+                "bundle",
+                cid,
+                {"path": str(bundle_dir)},
+                lambda: asyncio.to_thread(build),
+            )
+        except BaseException:
+            where.container = c.name
+            raise
+
+    async def exec(
+        self,
+        pod_id: str,
+        container: str | None,
+        argv: Sequence[str],
+        *,
+        timeout: float = EXEC_TIMEOUT,
+    ) -> ExecResult:
+        """Refused: a WASI module has no way to start a second process inside it."""
+        await self._exec_checked(pod_id, container, argv)
+        raise NotSupported(
+            f"pod {pod_id} runs WebAssembly modules, which cannot exec a command",
+            hint="read the module's output with 'magikrun pod logs' instead, or run a "
+            "native pod (runtimeClassName: magikrun-native) for a shell",
+            pod_id=pod_id,
+        )
