@@ -55,16 +55,21 @@ def info(ctx: Context) -> None:
 @system.command()
 @click.pass_obj
 def gc(ctx: Context) -> None:
-    """Free blobs, unpacked layers and stale downloads that no image references."""
+    """Roll back half-made pods, then free blobs, layers and downloads nothing references."""
     import asyncio
     from dataclasses import asdict
 
     from ..image import ImageService
+    from ..pod import recover_pods
 
-    result = asyncio.run(ImageService(ctx.paths.ensure()).gc())
+    paths = ctx.paths.ensure()
+    pods = asyncio.run(recover_pods(paths))
+    result = asyncio.run(ImageService(paths).gc())
     if ctx.json:
-        ctx.emit(asdict(result))
+        ctx.emit({**asdict(result), "pods": pods})
     else:
+        if pods:
+            click.echo(f"rolled back {len(pods)} half-made pods: {', '.join(pods)}")
         click.echo(
             f"freed {len(result.blobs)} blobs, {len(result.snapshots)} layers, "
             f"{len(result.ingests)} stale downloads ({result.bytes_freed} bytes)"
