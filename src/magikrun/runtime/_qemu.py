@@ -1,0 +1,405 @@
+"""QEMU microVMs whose PID 1 is :mod:`magikrun.vminit`, driven over a control channel.
+
+A VM gets its own directory under ``paths.run/vms`` (mode 0700) holding its private
+initramfs (the shared one plus its token and configuration) and its console log.
+The control channel is a virtio-serial port whose host end is one half of a
+``socketpair`` handed to QEMU as an fd: there is no socket file anyone else could
+connect to, and the connection exists before the guest runs. QMP goes the same way.
+Every boot has a deadline; a VM that dies or misses it is killed and reported with
+the tail of its console, and everything it had on the host is removed on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .. import _process
+from ..errors import InvalidArgument, LimitExceeded, RuntimeUnavailable, VmBootFailed
+from ..platform import Paths, Platform
+from ..platform._limits import MAX_VCPUS, MAX_VM_MEMORY_MIB, VM_BOOT_TIMEOUT
+from ..vminit import (
+    PORT_NAME,
+    ROOT_TAG,
+    ControlClient,
+    GuestConfig,
+    GuestProcess,
+    early_init_script,
+)
+from ._guestkernel import find_guest_kernel
+from ._initramfs import build_initramfs, write_vm_initramfs
+
+if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
+
+__all__ = ["DEFAULT_CMDLINE", "Machine", "MicroVm", "UserNetwork", "VmConfig"]
+
+QEMU = "qemu-system-x86_64"
+_PACKAGE = str(Path(__file__).resolve().parent.parent)
+DEFAULT_CMDLINE = (
+    "console=ttyS0",
+    "rdinit=/init",
+    "panic=-1",
+    "quiet",
+    "mitigations=off",
+    "tsc=reliable",
+    "no_timer_check",
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+    "random.trust_cpu=on",
+)
+"""Kernel arguments: serial console, our /init, reboot (so QEMU exits) on panic, and
+boot-time savers that matter under TCG (no legacy keyboard probing, no timer checks)."""
+_CONSOLE_TAIL = 2048
+_EXIT_WAIT = 5.0
+
+
+class Machine(enum.StrEnum):
+    """QEMU machine type. q35 is the default: ``microvm`` hangs early in ~8% of TCG boots."""
+
+    Q35 = "q35"
+    MICROVM = "microvm"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserNetwork:
+    """QEMU user-mode networking; ``host_forwards`` are (host port, guest port) TCP pairs."""
+
+    host_forwards: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VmConfig:
+    """How to build and boot one VM."""
+
+    vcpus: int = 1
+    memory_mib: int = 512
+    machine: Machine = Machine.Q35
+    accel: str | None = None
+    """``kvm`` or ``tcg``; None picks kvm where ``Platform.detect()`` says a stock guest runs."""
+    processes: tuple[GuestProcess, ...] = ()
+    network: UserNetwork | None = None
+    boot_timeout: float = VM_BOOT_TIMEOUT
+    cmdline: tuple[str, ...] = DEFAULT_CMDLINE
+    never_ready: bool = False
+    """Test-only: the guest's init never reports ready."""
+    extra_args: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise LimitExceeded(f"{self.vcpus} vCPUs is outside 1..{MAX_VCPUS}", vcpus=self.vcpus)
+        if not 64 <= self.memory_mib <= MAX_VM_MEMORY_MIB:
+            raise LimitExceeded(
+                f"{self.memory_mib} MiB of VM memory is outside 64..{MAX_VM_MEMORY_MIB}",
+                memory_mib=self.memory_mib,
+            )
+        if self.accel not in (None, "kvm", "tcg"):
+            raise InvalidArgument(f"unknown accelerator {self.accel!r}", hint="use kvm or tcg")
+
+
+def _devices(machine: Machine) -> tuple[str, str]:
+    """The virtio-serial and virtio-9p device models for ``machine`` (PCI or MMIO)."""
+    if machine is Machine.MICROVM:
+        return "virtio-serial-device", "virtio-9p-device"
+    return "virtio-serial-pci", "virtio-9p-pci"
+
+
+def qemu_argv(
+    config: VmConfig,
+    accel: str,
+    vmlinux: Path,
+    initramfs: Path,
+    console: Path,
+    ctl_fd: int,
+    qmp_fd: int,
+) -> list[str]:
+    """The QEMU command line (the VM's secrets are in the initramfs, never here)."""
+    serial_dev, ninep_dev = _devices(config.machine)
+    machine = "microvm,acpi=on" if config.machine is Machine.MICROVM else "q35"
+    argv = [
+        QEMU,
+        "-machine", f"{machine},accel={accel}",
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(config.vcpus),
+        "-m", str(config.memory_mib),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(vmlinux),
+        "-initrd", str(initramfs),
+        "-append", " ".join(config.cmdline),
+        "-chardev", f"file,id=console,path={console}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=ctl,fd={ctl_fd}",
+        "-device", serial_dev,
+        "-device", f"virtserialport,chardev=ctl,name={PORT_NAME}",
+        "-chardev", f"socket,id=qmp,fd={qmp_fd}",
+        "-mon", "chardev=qmp,mode=control",
+        "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", f"{ninep_dev},fsdev=root,mount_tag={ROOT_TAG}",
+    ]  # fmt: skip
+    if config.network is not None:
+        forwards = "".join(
+            f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+            for host, guest in config.network.host_forwards
+        )
+        nic = "virtio-net-device" if config.machine is Machine.MICROVM else "virtio-net-pci"
+        argv += ["-netdev", f"user,id=net0{forwards}", "-device", f"{nic},netdev=net0"]
+    return argv + list(config.extra_args)
+
+
+def guest_modules(config: VmConfig) -> tuple[str, ...]:
+    """The kernel modules ``config``'s guest loads: no more, since each costs boot time."""
+    transport = "virtio_mmio" if config.machine is Machine.MICROVM else "virtio_pci"
+    network = ("virtio_net",) if config.network is not None else ()
+    return (transport, "virtio_console", "9pnet_virtio", "9p", *network)
+
+
+def choose_accel(paths: Paths) -> str:
+    """``kvm`` where a stock guest runs under it, ``tcg`` where only emulation works."""
+    verdict = Platform.detect(paths).hypervisor
+    if verdict.kind == "kvm":
+        return "kvm"
+    if verdict.kind == "tcg-only":
+        return "tcg"
+    raise RuntimeUnavailable(f"no way to run a microVM here: {verdict.reason}")
+
+
+class MicroVm:
+    """One booted VM and its control client.
+
+    Example::
+
+        async with MicroVm(paths, VmConfig()) as vm:
+            out = await vm.client.exec(["uname", "-r"])
+    """
+
+    def __init__(self, paths: Paths, config: VmConfig) -> None:
+        self.paths = paths
+        self.config = config
+        self.id = secrets.token_hex(8)
+        self.directory = paths.run / "vms" / self.id
+        self.accel = ""
+        self.ready: dict[str, Any] = {}
+        self.returncode: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._client: ControlClient | None = None
+        self._qmp: QMPClient | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def client(self) -> ControlClient:
+        if self._client is None:
+            raise InvalidArgument("the VM is not booted", hint="call boot() first", vm=self.id)
+        return self._client
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and not self._exited.is_set()
+
+    def console_tail(self) -> str:
+        try:
+            data = self.console_log.read_bytes()[-_CONSOLE_TAIL:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace")
+
+    async def __aenter__(self) -> MicroVm:
+        await self.boot()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.shutdown()
+
+    async def boot(self) -> None:
+        """Launch QEMU and return once vminit has answered ``hello`` with our token.
+
+        Raises :class:`~magikrun.errors.VmBootFailed` (after removing everything)
+        when QEMU exits or the guest misses ``config.boot_timeout``.
+        """
+        if self._proc is not None:
+            raise InvalidArgument("the VM was already booted", vm=self.id)
+        if shutil.which(QEMU) is None:
+            raise RuntimeUnavailable(
+                f"{QEMU} is not installed", hint="apt-get install qemu-system-x86"
+            )
+        if self.config.accel is not None:
+            self.accel = self.config.accel
+        else:
+            self.accel = await asyncio.to_thread(choose_accel, self.paths)
+        try:
+            await self._launch()
+            await self._wait_ready()
+        except BaseException as exc:
+            await self._teardown(grace=0)
+            if isinstance(exc, TimeoutError):
+                raise VmBootFailed(
+                    f"microVM {self.id} did not report ready within {self.config.boot_timeout} s "
+                    f"and was killed; console:\n{self.console_tail()}",
+                    vm=self.id,
+                ) from exc
+            raise
+
+    async def _launch(self) -> None:
+        kernel = await asyncio.to_thread(find_guest_kernel, self.paths)
+        base = await asyncio.to_thread(
+            build_initramfs,
+            self.paths,
+            kernel,
+            early_init_script(sys.executable, _PACKAGE),
+            modules=guest_modules(self.config),
+        )
+        self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700)
+        token = secrets.token_urlsafe(32)
+        guest = GuestConfig(
+            token=token, processes=self.config.processes, never_ready=self.config.never_ready
+        )
+        initramfs = self.directory / "initramfs.cpio"
+        await asyncio.to_thread(
+            write_vm_initramfs, base, initramfs, {"config.json": guest.to_json()}
+        )
+        ctl_host, ctl_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        qmp_host, qmp_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = qemu_argv(
+                self.config, self.accel, kernel.vmlinux, initramfs, self.console_log,
+                ctl_qemu.fileno(), qmp_qemu.fileno(),
+            )  # fmt: skip
+            with (self.directory / "qemu.log").open("wb") as log:
+                self._proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    close_fds=True,
+                    pass_fds=(ctl_qemu.fileno(), qmp_qemu.fileno()),
+                    start_new_session=True,
+                )
+        except BaseException:
+            ctl_host.close()
+            qmp_host.close()
+            raise
+        finally:
+            ctl_qemu.close()
+            qmp_qemu.close()
+        self._watch = asyncio.ensure_future(self._watch_exit(self._proc))
+        self._client = await ControlClient.open(ctl_host, token)
+        await self._open_qmp(qmp_host)
+
+    async def _open_qmp(self, sock: socket.socket) -> None:
+        from qemu.qmp import QMPClient
+
+        self._qmp = QMPClient(f"magikrun-{self.id}")
+        await self._qmp.connect(sock)
+
+    async def _watch_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        await _process.wait_exit(proc.pid)
+        self.returncode = proc.wait()
+        self._exited.set()
+
+    async def _wait_ready(self) -> None:
+        client = self.client
+        exited = asyncio.ensure_future(self._exited.wait())
+        ready = asyncio.ensure_future(client.wait_ready())
+        try:
+            async with asyncio.timeout(self.config.boot_timeout):
+                await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not ready.done():
+                ready.cancel()
+        if ready.done() and ready.exception() is None:
+            self.ready = ready.result()
+            await client.hello()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EXIT_WAIT):
+                await self._exited.wait()
+        raise VmBootFailed(
+            f"microVM {self.id} exited (QEMU status {self.returncode}) before it was ready; "
+            f"console:\n{self.console_tail()}\nqemu: {self._qemu_log()}",
+            vm=self.id,
+        )
+
+    def _qemu_log(self) -> str:
+        try:
+            return (self.directory / "qemu.log").read_text(errors="replace")[-_CONSOLE_TAIL:]
+        except OSError:
+            return ""
+
+    async def wait(self) -> int:
+        """Wait until QEMU exits; its exit status."""
+        await self._exited.wait()
+        return self.returncode if self.returncode is not None else -1
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Stop the guest's processes within ``grace``, power it off, remove everything.
+
+        Idempotent; falls back to ending QEMU from the host when the guest does not
+        answer or does not power off.
+        """
+        await self._teardown(grace)
+
+    async def kill(self) -> None:
+        """End QEMU now (no guest shutdown) and remove everything."""
+        await self._teardown(grace=0)
+
+    async def _teardown(self, grace: float) -> None:
+        async def run() -> None:
+            if self._client is not None and grace > 0 and self.alive:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(grace + _EXIT_WAIT):
+                        await self._client.stop(grace)
+                        await self._exited.wait()
+            if self._qmp is not None:
+                if self.alive:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            await self._qmp.execute("quit")
+                with contextlib.suppress(Exception):
+                    await self._qmp.disconnect()
+                self._qmp = None
+            if self._proc is not None:
+                await _process.terminate(self._proc, _EXIT_WAIT)
+            if self._watch is not None:
+                await self._watch
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+        task = asyncio.ensure_future(run())
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        task.result()
+
+
+def signal_qemu(vm: MicroVm, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to a VM's QEMU, as something outside magikrun might (for tests)."""
+    if vm.pid is not None:
+        os.kill(vm.pid, sig)

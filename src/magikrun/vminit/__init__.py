@@ -1,0 +1,21 @@
+"""The guest side of a microVM: PID 1 (vminit), its protocol, and the host's client.
+
+The guest imports only vminit's stdlib-only modules (see ``_early``); the host uses
+the names below.
+"""
+
+from ._client import ControlClient, ExecOutput, GuestConfig, GuestProcess, LogRecord
+from ._early import CONFIG_PATH, ROOT_TAG, early_init_script
+from ._protocol import PORT_NAME
+
+__all__ = [
+    "CONFIG_PATH",
+    "PORT_NAME",
+    "ROOT_TAG",
+    "ControlClient",
+    "ExecOutput",
+    "GuestConfig",
+    "GuestProcess",
+    "LogRecord",
+    "early_init_script",
+]

@@ -1,0 +1,283 @@
+"""The host's side of the control protocol: typed messages and the client.
+
+Kept apart from :mod:`._protocol` so that the guest's PID 1 never imports asyncio or
+dataclasses (seconds of boot time under TCG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import VmControlError
+from ..platform._limits import (
+    VM_CONTROL_MAX_FRAME,
+    VM_CONTROL_TIMEOUT,
+    VM_EXEC_MAX_OUTPUT,
+    VM_LOG_MAX_LINES,
+)
+from ._protocol import decode, encode
+
+__all__ = ["ControlClient", "ExecOutput", "GuestConfig", "GuestProcess", "LogRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestProcess:
+    """A process vminit starts at boot, with captured logs (a container, until pods land)."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "argv": list(self.argv), "env": dict(self.env), "cwd": self.cwd}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GuestProcess:
+        return cls(
+            name=str(data["name"]),
+            argv=tuple(str(arg) for arg in data["argv"]),
+            env={str(k): str(v) for k, v in data.get("env", {}).items()},
+            cwd=str(data.get("cwd", "/")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GuestConfig:
+    """What the host bakes into a VM for its init: the token, the limits, what to run."""
+
+    token: str
+    processes: tuple[GuestProcess, ...] = ()
+    never_ready: bool = False
+    """Test-only: the init never reports ready (to exercise the boot deadline)."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "token": self.token,
+                "processes": [process.to_dict() for process in self.processes],
+                "never_ready": self.never_ready,
+                "limits": {
+                    "max_frame": VM_CONTROL_MAX_FRAME,
+                    "exec_max_output": VM_EXEC_MAX_OUTPUT,
+                    "log_max_lines": VM_LOG_MAX_LINES,
+                },
+            }
+        ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOutput:
+    """A finished exec in the guest: exit code (128+N for signal N) and its output."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    truncated: bool = False
+    timed_out: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exit_code": self.exit_code,
+            "stdout": base64.b64encode(self.stdout).decode(),
+            "stderr": base64.b64encode(self.stderr).decode(),
+            "truncated": self.truncated,
+            "timed_out": self.timed_out,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExecOutput:
+        return cls(
+            exit_code=int(data["exit_code"]),
+            stdout=base64.b64decode(data["stdout"]),
+            stderr=base64.b64decode(data["stderr"]),
+            truncated=bool(data.get("truncated")),
+            timed_out=bool(data.get("timed_out")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One line a guest process wrote: when (RFC 3339), which stream, the text."""
+
+    time: str
+    stream: str
+    line: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"time": self.time, "stream": self.stream, "line": self.line}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LogRecord:
+        return cls(time=str(data["time"]), stream=str(data["stream"]), line=str(data["line"]))
+
+
+class ControlClient:
+    """The host's end of the channel: requests multiplexed by id over one stream.
+
+    Example::
+
+        client = await ControlClient.open(sock, token)
+        await client.wait_ready(timeout=60)
+        out = await client.exec(["uname", "-r"])
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._token = token
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._closed: VmControlError | None = None
+        self._lock = asyncio.Lock()
+        self._task = asyncio.ensure_future(self._read_loop())
+
+    @classmethod
+    async def open(cls, sock: socket.socket, token: str) -> ControlClient:
+        """A client over a connected stream socket (QEMU's chardev, or vsock)."""
+        reader, writer = await asyncio.open_unix_connection(
+            sock=sock, limit=VM_CONTROL_MAX_FRAME + 1
+        )
+        return cls(reader, writer, token)
+
+    def _fail(self, error: VmControlError) -> None:
+        if self._closed is None:
+            self._closed = error
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()
+        for queue in self._pending.values():
+            queue.put_nowait({"ok": False, "error": str(error), "closed": True})
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    line = await self._reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError:
+                    self._fail(VmControlError("the guest sent a frame over the size limit"))
+                    return
+                except asyncio.IncompleteReadError:
+                    self._fail(VmControlError("the VM's control channel closed"))
+                    return
+                try:
+                    message: dict[str, Any] = decode(line)
+                except ValueError:
+                    self._fail(VmControlError("the guest sent a malformed frame"))
+                    return
+                if message.get("event") == "ready" and not self._ready.done():
+                    self._ready.set_result(message)
+                request_id = message.get("id")
+                queue = self._pending.get(request_id) if isinstance(request_id, int) else None
+                if queue is not None:
+                    queue.put_nowait(message)
+        except OSError as exc:
+            self._fail(VmControlError(f"the VM's control channel broke: {exc}"))
+
+    async def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
+        """The guest's ready announcement (kernel release, boot time)."""
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(self._ready)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are (for tests of the guest's limits)."""
+        async with self._lock:
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def _stream(
+        self, op: str, timeout: float | None, **args: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        if self._closed is not None:
+            raise self._closed
+        request_id = next(self._ids)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pending[request_id] = queue
+        try:
+            await self.send_raw(encode({"id": request_id, "op": op, **args}, VM_CONTROL_MAX_FRAME))
+            while True:
+                async with asyncio.timeout(timeout):
+                    message = await queue.get()
+                if "item" in message:
+                    yield message
+                    continue
+                if not message.get("ok"):
+                    raise VmControlError(f"the guest refused {op!r}: {message.get('error')}", op=op)
+                yield message
+                return
+        except TimeoutError as exc:
+            raise VmControlError(f"the guest did not answer {op!r} within {timeout} s") from exc
+        finally:
+            del self._pending[request_id]
+
+    async def request(
+        self, op: str, *, timeout: float | None = VM_CONTROL_TIMEOUT, **args: Any
+    ) -> Any:
+        """Send one request and return its result; :class:`VmControlError` if refused."""
+        result: Any = None
+        async for message in self._stream(op, timeout, **args):
+            result = message.get("result")
+        return result
+
+    async def hello(self) -> None:
+        await self.request("hello", token=self._token)
+
+    async def ping(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("ping")
+        return result
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        timeout: float = VM_CONTROL_TIMEOUT,
+    ) -> ExecOutput:
+        """Run ``argv`` in the guest (no tty); a command that overruns ``timeout`` is killed."""
+        result = await self.request(
+            "exec",
+            timeout=timeout + VM_CONTROL_TIMEOUT,
+            argv=list(argv),
+            env=dict(env or {}),
+            cwd=cwd,
+            limit=timeout,
+        )
+        return ExecOutput.from_dict(result)
+
+    async def status(self) -> dict[str, dict[str, Any]]:
+        """Per process: ``state`` (running/exited), ``pid``, ``exit_code``."""
+        result: dict[str, dict[str, Any]] = await self.request("status")
+        return result
+
+    async def logs(
+        self, name: str, *, tail: int | None = None, follow: bool = False
+    ) -> AsyncIterator[LogRecord]:
+        """A process's log records; with ``follow`` until it has exited."""
+        timeout = None if follow else VM_CONTROL_TIMEOUT
+        async for message in self._stream("logs", timeout, name=name, tail=tail, follow=follow):
+            if "item" in message:
+                yield LogRecord.from_dict(message["item"])
+
+    async def stop(self, grace: float) -> None:
+        """Stop every process (SIGTERM, ``grace`` s, SIGKILL) and power the guest off."""
+        await self.request("stop", timeout=grace + VM_CONTROL_TIMEOUT, grace=grace)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()

@@ -1,0 +1,68 @@
+"""The guest's ``/init``: a busybox script that gets the host's Python running as PID 1.
+
+Python cannot start before its files are reachable, and they live on the host: so a
+few lines of busybox shell load the modules, mount the host's root read-only (9p or
+virtio-fs), give it fresh /proc, /sys, /dev, /run, /tmp and cgroup2, copy the VM's
+private configuration to a guest-only tmpfs, and ``switch_root`` into the host's
+Python running vminit.
+
+Python starts with ``-I -S`` and a bootstrap that registers ``magikrun`` and
+``magikrun.vminit`` as bare packages: the guest then imports only vminit's own
+stdlib-only modules, not the site machinery, ``magikrun/__init__`` or the host-side
+client (each of which costs the boot hundreds of milliseconds under TCG).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+__all__ = ["CONFIG_PATH", "ROOT_TAG", "early_init_script"]
+
+ROOT_TAG = "magikrun.root"
+"""Mount tag of the shared host root."""
+CONFIG_PATH = "/run/magikrun-vm/config.json"
+"""Where vminit finds its configuration in the guest (tmpfs, mode 0600)."""
+
+_MOUNT_OPTIONS = {
+    "9p": "trans=virtio,version=9p2000.L,cache=loose,msize=524288,ro",
+    "virtiofs": "ro",
+}
+
+
+_BOOTSTRAP = (
+    "import sys,types\n"
+    "for n,p in (('magikrun',{package!r}),('magikrun.vminit',{package!r}+'/vminit')):\n"
+    "    m=types.ModuleType(n);m.__path__=[p];sys.modules[n]=m\n"
+    "from magikrun.vminit.__main__ import main\n"
+    "main(sys.argv)\n"
+)
+
+
+def early_init_script(python: str, package: str, share: str = "9p") -> bytes:
+    """The ``/init`` text for a guest whose root is the host's, shared over ``share``.
+
+    ``python`` is the interpreter and ``package`` the ``magikrun`` package directory,
+    both host paths the guest sees at the same place.
+    """
+    if share not in _MOUNT_OPTIONS:
+        raise ValueError(f"unknown root share {share!r} (9p or virtiofs)")
+    bootstrap = _BOOTSTRAP.format(package=package)
+    return f"""#!/bin/sh
+B=/bin/busybox
+fail() {{ echo "magikrun-init: $*"; $B reboot -f; }}
+umask 077
+while read m; do $B insmod /modules/$m || fail "insmod $m failed"; done < /modules.list
+$B mount -t {share} -o {_MOUNT_OPTIONS[share]} {ROOT_TAG} /sysroot || fail "cannot mount the root"
+$B mount -t tmpfs -o mode=0755,nosuid,nodev run /sysroot/run || fail "cannot mount /run"
+$B mkdir -p /sysroot/run/magikrun-vm
+$B cp /vm/config.json /sysroot{CONFIG_PATH}
+$B mount -t proc -o nosuid,nodev,noexec proc /sysroot/proc
+$B mount -t sysfs -o nosuid,nodev,noexec sysfs /sysroot/sys
+$B mount -t devtmpfs -o nosuid,mode=0755 dev /sysroot/dev
+$B mkdir -p /sysroot/dev/pts /sysroot/dev/shm
+$B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /sysroot/dev/pts
+$B mount -t tmpfs -o mode=1777,nosuid,nodev shm /sysroot/dev/shm
+$B mount -t tmpfs -o mode=1777,nosuid,nodev tmp /sysroot/tmp
+$B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sysroot/sys/fs/cgroup
+exec $B switch_root /sysroot {shlex.quote(python)} -I -S -c {shlex.quote(bootstrap)} {CONFIG_PATH}
+""".encode()

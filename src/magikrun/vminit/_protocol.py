@@ -1,0 +1,42 @@
+"""The control protocol between the host and a microVM's init: framing and names.
+
+One JSON object per line (UTF-8, ``\\n``-terminated, at most ``max_frame`` bytes, which
+the host bakes into the guest's configuration). The host sends requests
+``{"id": N, "op": ..., ...}``; the guest answers each with ``{"id": N, "ok": true,
+"result": ...}`` or ``{"id": N, "ok": false, "error": ...}``, streams ``{"id": N,
+"item": ...}`` before the answer where an op yields many things (``logs`` with
+``follow``), and announces ``{"event": "ready", ...}`` unasked. The first request must
+be ``hello`` with the VM's token; the guest refuses everything before it.
+
+The channel is a virtio-serial port (or vsock) that only the host process holding
+QEMU's end can reach: no network listener exists in the guest. This module is
+imported by the guest's PID 1, so it uses nothing beyond ``json``: under TCG every
+imported module costs the boot tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["OPS", "PORT_NAME", "decode", "encode"]
+
+PORT_NAME = "org.magikrun.control"
+"""Name of the virtio-serial port the guest finds under /sys/class/virtio-ports."""
+OPS = ("hello", "ping", "exec", "logs", "status", "stop")
+"""Requests the guest serves."""
+
+
+def encode(message: dict[str, object], max_frame: int) -> bytes:
+    """One frame; ``ValueError`` if it is over ``max_frame`` bytes."""
+    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    if len(data) > max_frame:
+        raise ValueError(f"message of {len(data)} bytes is over {max_frame}")
+    return data
+
+
+def decode(line: bytes) -> dict[str, object]:
+    """The JSON object in one frame; ``ValueError`` for anything else."""
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise ValueError("a frame must hold a JSON object")
+    return message

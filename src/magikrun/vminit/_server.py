@@ -1,0 +1,247 @@
+"""The guest's end of the control channel: frames in, handlers, frames out."""
+
+from __future__ import annotations
+
+import binascii
+import os
+import signal
+from _operator import _compare_digest as compare_digest  # hmac uses it; hmac loads OpenSSL
+from collections.abc import Callable
+
+from ._init import LogBuffer, Process, Supervisor
+from ._protocol import PORT_NAME, decode, encode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = ["ControlServer", "Service", "find_port"]
+
+PORTS = "/sys/class/virtio-ports"
+
+
+def find_port(name: str = PORT_NAME, ports: str = PORTS) -> str:
+    """The ``/dev/vportNpM`` device whose virtio-serial port is called ``name``."""
+    for entry in sorted(os.listdir(ports)):
+        with open(f"{ports}/{entry}/name") as handle:
+            if handle.read().strip() == name:
+                return f"/dev/{entry}"
+    raise FileNotFoundError(f"no virtio-serial port named {name}")
+
+
+class Service:
+    """A process started at boot (a container, until the pod runtime runs inside)."""
+
+    def __init__(self, name: str, logs: LogBuffer) -> None:
+        self.name = name
+        self.logs = logs
+        self.process: Process | None = None
+        self.followers: list[tuple[Any, int]] = []
+
+    def status(self) -> dict[str, Any]:
+        process = self.process
+        assert process is not None
+        return {
+            "state": "exited" if process.done else "running",
+            "pid": process.pid,
+            "exit_code": process.exit_code if process.done else None,
+            "dropped_log_records": self.logs.dropped,
+        }
+
+
+class ControlServer:
+    """Serves the host's requests; everything but ``hello`` waits for the token."""
+
+    def __init__(
+        self,
+        fd: int,
+        config: dict[str, Any],
+        supervisor: Supervisor,
+        on_stop: Callable[[], None],
+    ) -> None:
+        self._fd = fd
+        self._token = str(config["token"]).encode()
+        limits = config["limits"]
+        self._max_frame = int(limits["max_frame"])
+        self._max_output = int(limits["exec_max_output"])
+        self._max_lines = int(limits["log_max_lines"])
+        self._supervisor = supervisor
+        self._on_stop = on_stop
+        self._authenticated = False
+        self._buffer = b""
+        self._discarding = False
+        self.services: dict[str, Service] = {}
+        supervisor.on_signal = self._forward
+        supervisor.loop.add_reader(fd, self._readable)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one frame; the port fd is blocking, and the host always reads."""
+        data = encode(message, self._max_frame)
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def start(self, spec: dict[str, Any]) -> None:
+        """Start one boot-time process whose output becomes log records."""
+        service = Service(str(spec["name"]), LogBuffer(self._max_lines))
+        self.services[service.name] = service
+        service.process = self._supervisor.spawn(
+            [str(arg) for arg in spec["argv"]],
+            {str(k): str(v) for k, v in spec.get("env", {}).items()},
+            str(spec.get("cwd", "/")),
+            lambda data: self._logged(service, "stdout", data),
+            lambda data: self._logged(service, "stderr", data),
+            lambda process: self._service_done(service),
+        )
+
+    def _forward(self, sig: int) -> None:
+        for service in self.services.values():
+            if service.process is not None:
+                Supervisor.signal_group(service.process, sig)
+
+    def _logged(self, service: Service, stream: str, data: bytes) -> None:
+        service.logs.feed(stream, data)
+        self._feed_followers(service)
+
+    def _service_done(self, service: Service) -> None:
+        service.logs.flush()
+        self._feed_followers(service)
+
+    def _feed_followers(self, service: Service) -> None:
+        finished = service.process is not None and service.process.done
+        remaining = []
+        for request_id, position in service.followers:
+            for record in service.logs.since(position):
+                self.send({"id": request_id, "item": record})
+            if finished:
+                self.send({"id": request_id, "ok": True, "result": None})
+            else:
+                remaining.append((request_id, service.logs.total))
+        service.followers = remaining
+
+    def _readable(self) -> None:
+        data = os.read(self._fd, 65536)
+        if not data:
+            # The host end is not connected: poll again later instead of spinning on HUP.
+            loop = self._supervisor.loop
+            loop.remove_reader(self._fd)
+            loop.call_later(0.1, lambda: loop.add_reader(self._fd, self._readable))
+            return
+        self._buffer += data
+        while True:
+            line, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                if len(self._buffer) > self._max_frame:
+                    self._buffer, self._discarding = b"", True
+                return
+            self._buffer = rest
+            if self._discarding or len(line) + 1 > self._max_frame:
+                self._discarding = False
+                error = f"frame over {self._max_frame} bytes"
+                self.send({"id": None, "ok": False, "error": error})
+                continue
+            self._handle(line)
+
+    def _handle(self, line: bytes) -> None:
+        request_id: Any = None
+        try:
+            request: dict[str, Any] = decode(line)
+            request_id = request.get("id")
+            op = request.get("op")
+            if op == "hello":
+                if not compare_digest(str(request.get("token", "")).encode(), self._token):
+                    raise PermissionError("bad token")
+                self._authenticated = True
+                self.send({"id": request_id, "ok": True, "result": None})
+                return
+            if not self._authenticated:
+                raise PermissionError("say hello with the VM's token first")
+            handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                raise ValueError(f"unknown op {op!r}")
+            handler(request_id, request)
+        except Exception as exc:  # noqa: BLE001 - every failure is the host's answer
+            self.send({"id": request_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _op_ping(self, request_id: Any, request: dict[str, Any]) -> None:
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        result = {"kernel": os.uname().release, "uptime": uptime}
+        self.send({"id": request_id, "ok": True, "result": result})
+
+    def _op_exec(self, request_id: Any, request: dict[str, Any]) -> None:
+        argv = [str(arg) for arg in request["argv"]]
+        if not argv:
+            raise ValueError("exec needs a command")
+        env = {str(k): str(v) for k, v in request.get("env", {}).items()}
+        out: list[bytes] = []
+        err: list[bytes] = []
+        state = {"truncated": False, "timed_out": False}
+
+        def collect(sink: list[bytes]) -> Callable[[bytes], None]:
+            def add(data: bytes) -> None:
+                room = self._max_output - sum(map(len, sink))
+                if len(data) > room:
+                    state["truncated"] = True
+                sink.append(data[: max(room, 0)])
+
+            return add
+
+        def done(process: Process) -> None:
+            timer[0] = True
+            result = {
+                "exit_code": process.exit_code,
+                "stdout": binascii.b2a_base64(b"".join(out), newline=False).decode(),
+                "stderr": binascii.b2a_base64(b"".join(err), newline=False).decode(),
+                **state,
+            }
+            self.send({"id": request_id, "ok": True, "result": result})
+
+        process = self._supervisor.spawn(
+            argv, env, str(request.get("cwd", "/")), collect(out), collect(err), done
+        )
+
+        def overdue() -> None:
+            state["timed_out"] = True
+            Supervisor.signal_group(process, signal.SIGKILL)
+
+        timer = self._supervisor.loop.call_later(float(request["limit"]), overdue)
+
+    def _op_status(self, request_id: Any, request: dict[str, Any]) -> None:
+        result = {name: service.status() for name, service in self.services.items()}
+        self.send({"id": request_id, "ok": True, "result": result})
+
+    def _op_logs(self, request_id: Any, request: dict[str, Any]) -> None:
+        service = self.services.get(str(request["name"]))
+        if service is None:
+            raise KeyError(f"no process {request['name']!r}")
+        tail = request.get("tail")
+        logs = service.logs
+        start = 0 if tail is None else max(logs.total - int(tail), 0)
+        service.followers.append((request_id, start))
+        if not request.get("follow"):
+            for record in logs.since(start):
+                self.send({"id": request_id, "item": record})
+            service.followers.pop()
+            self.send({"id": request_id, "ok": True, "result": None})
+            return
+        self._feed_followers(service)
+
+    def _op_stop(self, request_id: Any, request: dict[str, Any]) -> None:
+        alive = [s.process for s in self.services.values() if s.process and not s.process.done]
+        loop = self._supervisor.loop
+
+        def finish() -> None:
+            if all(process.done for process in alive):
+                self.send({"id": request_id, "ok": True, "result": None})
+                loop.call_later(0.05, self._on_stop)
+            else:
+                loop.call_later(0.02, finish)
+
+        def force() -> None:
+            for process in alive:
+                Supervisor.signal_group(process, signal.SIGKILL)
+
+        for process in alive:
+            Supervisor.signal_group(process, signal.SIGTERM)
+        loop.call_later(float(request.get("grace", 10.0)), force)
+        finish()
