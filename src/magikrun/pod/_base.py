@@ -23,6 +23,7 @@ from ..errors import (
     InvalidArgument,
     InvalidState,
     PodError,
+    PodNotFound,
     PodStartFailed,
 )
 from ..platform._limits import RESTART_BACKOFF_BASE
@@ -250,14 +251,21 @@ class PodRuntimeBase:
             message=message,
         )
 
+    def _load(self, cid: str) -> ContainerRecord | None:
+        """The container's record, None when it is gone (or being removed by the supervisor
+        restarting it: its directory can vanish while the record is refreshed)."""
+        try:
+            return self.containers.load(cid)
+        except (ContainerNotFound, FileNotFoundError):
+            return None
+
     def _container_info(
         self, pod_id: str, container: Container, *, init: bool, restarts: dict[str, Any]
     ) -> ContainerInfo:
         cid = container_id(pod_id, container.name)
         count = int(restarts.get(container.name, 0))
-        try:
-            record = self.containers.load(cid)
-        except ContainerNotFound:
+        record = self._load(cid)
+        if record is None:
             reason = "CrashLoopBackOff" if count else "ContainerCreating"
             return ContainerInfo(
                 container.name, container.image, "waiting", None, reason, None, None, count, init
@@ -307,11 +315,8 @@ class PodRuntimeBase:
 
     async def _stop_container(self, cid: str, grace: float) -> None:
         runtime = self._runtime()
-        try:
-            record = self.containers.load(cid)
-        except ContainerNotFound:
-            return
-        if not record.status.can_kill:
+        record = self._load(cid)
+        if record is None or not record.status.can_kill:
             return
         for signal_name, wait in (("TERM", grace), ("KILL", _INFRA_GRACE * 2)):
             with contextlib.suppress(InvalidState, ContainerNotFound):
@@ -323,11 +328,8 @@ class PodRuntimeBase:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while True:
-            try:
-                record: ContainerRecord = self.containers.load(cid)
-            except ContainerNotFound:
-                return True
-            if record.status is ContainerStatus.STOPPED:
+            record = self._load(cid)
+            if record is None or record.status is ContainerStatus.STOPPED:
                 return True
             if loop.time() >= deadline:
                 return False
@@ -335,9 +337,13 @@ class PodRuntimeBase:
 
     async def delete_pod(self, pod_id: str, force: bool = False) -> None:
         """Remove everything of the pod (containers, mounts, bundles, volumes, network,
-        records). A running pod needs ``force`` (which stops it without grace first)."""
+        records). A running pod needs ``force`` (which stops it without grace first).
+        Idempotent: deleting a pod that is gone does nothing."""
         await self._ready()
-        record = self.store.get(pod_id)
+        try:
+            record = self.store.get(pod_id)
+        except PodNotFound:
+            return
         self._refuse_creating(record, "delete")
         running = [
             c.name for c in self._status(record).containers if c.state == "running" and not c.init
@@ -457,10 +463,8 @@ class PodRuntimeBase:
             await asyncio.sleep(_FOLLOW_POLL)
 
     def _finished(self, cid: str) -> bool:
-        try:
-            return self.containers.load(cid).status is ContainerStatus.STOPPED
-        except ContainerNotFound:
-            return True
+        record = self._load(cid)
+        return record is None or record.status is ContainerStatus.STOPPED
 
     # -- exec ------------------------------------------------------------------------
 

@@ -37,8 +37,8 @@ def runtime_name(paths: Paths, runtime: str | None = None, spec: PodSpec | None 
     if chosen is not None:
         if chosen not in RUNTIME_CLASSES:
             raise InvalidArgument(
-                f"unknown pod runtime {chosen!r}",
-                hint=f"use one of {', '.join(RUNTIME_CLASSES)}",
+                f"unknown pod runtime {chosen!r}: use one of {', '.join(RUNTIME_CLASSES)}",
+                hint="pick a runtime with --runtime or the Pod's runtimeClassName",
                 runtime=chosen,
             )
         return RUNTIME_CLASSES[chosen]

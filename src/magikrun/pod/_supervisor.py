@@ -53,7 +53,7 @@ async def supervise(paths: Paths, pod_id: str, backoff: float, stopping: asyncio
             cid = container_id(pod_id, container.name)
             try:
                 state = store.load(cid)
-            except ContainerNotFound:
+            except (ContainerNotFound, FileNotFoundError):
                 continue
             if state.status is not ContainerStatus.STOPPED:
                 continue

@@ -34,6 +34,8 @@ __all__ = ["container_mounts", "prepare_volumes", "remove_pod_dir", "unmount_und
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MNT_DETACH = 2
+_MS_NOSUID = 2
+_MS_NODEV = 4
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -120,8 +122,8 @@ def _host_path(name: str, volume: HostPathVolume) -> Path:
 
 
 def _mount_tmpfs(target: Path, options: str) -> None:
-    data = f"{options},nosuid,nodev".encode()
-    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", 0, data) != 0:
+    flags = _MS_NOSUID | _MS_NODEV
+    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", flags, options.encode()) != 0:
         code = ctypes.get_errno()
         raise PodError(
             f"cannot mount a tmpfs on {target}: {os.strerror(code)}",
