@@ -311,10 +311,24 @@ class MicroVm:
         await self._open_qmp(qmp_host)
 
     async def _open_qmp(self, sock: socket.socket) -> None:
-        from qemu.qmp import QMPClient
+        from qemu.qmp import QMPClient, QMPError
 
         self._qmp = QMPClient(f"magikrun-{self.id}")
-        await self._qmp.connect(sock)
+        try:
+            await self._qmp.connect(sock)
+        except QMPError as exc:
+            raise await self._died("its QMP handshake failed") from exc
+
+    async def _died(self, what: str) -> VmBootFailed:
+        """The error for a VM that ended before it was ready, once QEMU has exited."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EXIT_WAIT):
+                await self._exited.wait()
+        return VmBootFailed(
+            f"microVM {self.id} failed before it was ready ({what}; QEMU status "
+            f"{self.returncode}); console:\n{self.console_tail()}\nqemu: {self._qemu_log()}",
+            vm=self.id,
+        )
 
     async def _watch_exit(self, proc: subprocess.Popen[bytes]) -> None:
         await _process.wait_exit(proc.pid)
@@ -336,14 +350,7 @@ class MicroVm:
             self.ready = ready.result()
             await client.hello()
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_EXIT_WAIT):
-                await self._exited.wait()
-        raise VmBootFailed(
-            f"microVM {self.id} exited (QEMU status {self.returncode}) before it was ready; "
-            f"console:\n{self.console_tail()}\nqemu: {self._qemu_log()}",
-            vm=self.id,
-        )
+        raise await self._died("the control channel closed")
 
     def _qemu_log(self) -> str:
         try:

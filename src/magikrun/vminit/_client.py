@@ -141,6 +141,8 @@ class ControlClient:
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._closed: VmControlError | None = None
         self._lock = asyncio.Lock()
+        self.rejections: list[str] = []
+        """Errors the guest sent for frames it could not read (no request id)."""
         self._task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -179,6 +181,8 @@ class ControlClient:
                 if message.get("event") == "ready" and not self._ready.done():
                     self._ready.set_result(message)
                 request_id = message.get("id")
+                if request_id is None and message.get("ok") is False:
+                    self.rejections.append(str(message.get("error")))
                 queue = self._pending.get(request_id) if isinstance(request_id, int) else None
                 if queue is not None:
                     queue.put_nowait(message)

@@ -148,9 +148,12 @@ class ControlServer:
             request_id = request.get("id")
             op = request.get("op")
             if op == "hello":
-                if not compare_digest(str(request.get("token", "")).encode(), self._token):
+                # a failed hello also ends an earlier session's rights
+                self._authenticated = compare_digest(
+                    str(request.get("token", "")).encode(), self._token
+                )
+                if not self._authenticated:
                     raise PermissionError("bad token")
-                self._authenticated = True
                 self.send({"id": request_id, "ok": True, "result": None})
                 return
             if not self._authenticated:

@@ -1,0 +1,142 @@
+"""The guest kernel extraction, the cpio writer and the protocol framing (no boot)."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from magikrun.errors import RuntimeUnavailable
+from magikrun.platform import Paths
+from magikrun.runtime._guestkernel import extract_vmlinux, find_guest_kernel
+from magikrun.runtime._initramfs import (
+    BUSYBOX,
+    CpioWriter,
+    build_initramfs,
+    module_load_order,
+    write_vm_initramfs,
+)
+from magikrun.vminit import early_init_script
+from magikrun.vminit._protocol import decode, encode
+
+from .conftest import needs_vm
+
+ELF = b"\x7fELF" + bytes(range(256)) * 64
+
+
+def _bzimage(payload: bytes) -> bytes:
+    """A minimal bzImage: a boot header pointing at ``payload`` (boot protocol 2.08)."""
+    setup = bytearray(2 * 512)
+    setup[0x1F1] = 1  # one setup sector after the boot sector
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", setup, 0x248, 16, len(payload))
+    return bytes(setup) + b"\0" * 16 + payload + b"trailing"
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [
+        lambda d: lzma.compress(d, format=lzma.FORMAT_XZ),
+        lambda d: zstandard.ZstdCompressor().compress(d),
+        lambda d: gzip.compress(d) + struct.pack("<I", len(d)),
+        lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE),
+        bz2.compress,
+    ],
+    ids=["xz", "zstd", "gzip", "lzma", "bzip2"],
+)
+def test_extract_vmlinux_by_magic(compress: object) -> None:
+    assert callable(compress)
+    assert extract_vmlinux(_bzimage(compress(ELF))) == ELF
+
+
+def test_extract_vmlinux_refuses_what_it_cannot_read() -> None:
+    with pytest.raises(RuntimeUnavailable, match="not a bzImage"):
+        extract_vmlinux(b"MZ" + b"\0" * 1024)
+    with pytest.raises(RuntimeUnavailable, match="not in a known format"):
+        extract_vmlinux(_bzimage(b"\x02\x21\x4c\x18" + b"lz4 frame"))
+    with pytest.raises(RuntimeUnavailable, match="does not decompress"):
+        extract_vmlinux(_bzimage(b"\xfd7zXZ\x00" + b"garbage"))
+
+
+def test_no_kernel_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeUnavailable, match="no guest kernel") as caught:
+        find_guest_kernel(Paths.resolve(tmp_path), boot=tmp_path, modules=tmp_path)
+    assert "linux-image-amd64" in caught.value.hint
+
+
+@needs_vm
+def test_real_kernel_is_extracted_once(paths: Paths) -> None:
+    kernel = find_guest_kernel(paths)
+    assert kernel.vmlinux.read_bytes()[:4] == b"\x7fELF"
+    mtime = kernel.vmlinux.stat().st_mtime_ns
+    assert find_guest_kernel(paths).vmlinux.stat().st_mtime_ns == mtime
+    assert [p.name for p in kernel.vmlinux.parent.iterdir()] == [kernel.vmlinux.name]
+
+
+@needs_vm
+def test_module_order_puts_dependencies_first(paths: Paths) -> None:
+    kernel = find_guest_kernel(paths)
+    order = [Path(p).name for p in module_load_order(kernel.modules, ["9p", "virtio_pci"])]
+    assert order.index("9pnet.ko") < order.index("9p.ko")
+    assert order.index("virtio.ko") < order.index("virtio_pci.ko")
+    assert len(order) == len(set(order))
+    with pytest.raises(RuntimeUnavailable, match="no module 'nope'"):
+        module_load_order(kernel.modules, ["nope"])
+
+
+def test_cpio_is_read_back_by_busybox(tmp_path: Path) -> None:
+    first = CpioWriter()
+    first.directory("etc")
+    first.file("etc/motd", b"hello\n", 0o640)
+    first.symlink("motd", "etc/motd")
+    second = CpioWriter()
+    second.file("extra", b"x" * 1001)
+    archive = first.finish() + second.finish()
+    assert len(archive) % 512 == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    for part in (archive[: len(archive) - 1024], archive):
+        subprocess.run(
+            [str(BUSYBOX), "cpio", "-id"], input=part, cwd=out, check=True, capture_output=True
+        )
+    assert (out / "etc/motd").read_bytes() == b"hello\n"
+    assert (out / "etc/motd").stat().st_mode & 0o777 == 0o640
+    assert (out / "motd").readlink() == Path("etc/motd")
+
+
+@needs_vm
+def test_initramfs_is_cached_by_content_and_private_part_is_0600(paths: Paths) -> None:
+    kernel = find_guest_kernel(paths)
+    base = build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/pkg"))
+    assert build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/pkg")) == base
+    other = build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/other"))
+    assert other != base
+    vm = paths.run / "vm.cpio"
+    paths.run.mkdir(parents=True, exist_ok=True)
+    write_vm_initramfs(base, vm, {"config.json": b"{}"})
+    assert vm.stat().st_mode & 0o777 == 0o600
+    assert vm.read_bytes().startswith(base.read_bytes())
+    with pytest.raises(FileExistsError):
+        write_vm_initramfs(base, vm, {})
+
+
+def test_early_init_keeps_secrets_off_the_command_line() -> None:
+    script = early_init_script("/usr/bin/python3", "/pkg").decode()
+    assert "switch_root /sysroot /usr/bin/python3 -I -S -c" in script
+    assert "/run/magikrun-vm/config.json" in script
+    with pytest.raises(ValueError, match="unknown root share"):
+        early_init_script("/usr/bin/python3", "/pkg", share="nfs")
+
+
+def test_frames_are_bounded() -> None:
+    assert decode(encode({"op": "ping", "id": 1}, 100)) == {"op": "ping", "id": 1}
+    with pytest.raises(ValueError, match="over 10"):
+        encode({"op": "ping", "id": 1}, 10)
+    with pytest.raises(ValueError, match="JSON object"):
+        decode(b"[1]\n")
