@@ -18,6 +18,7 @@ from ..errors import MagikrunError
 # command name -> (module, attribute). Groups and the OCI runtime verbs alike.
 _COMMANDS: dict[str, tuple[str, str]] = {
     "image": ("magikrun.cli._image", "image"),
+    "pod": ("magikrun.cli._pod", "pod"),
     "create": ("magikrun.cli._oci", "create"),
     "start": ("magikrun.cli._oci", "start"),
     "state": ("magikrun.cli._oci", "state"),
@@ -72,7 +73,9 @@ class Context:
 @click.option("--log", hidden=True, help="Accepted for runc compatibility.")
 @click.option("--log-format", hidden=True, help="Accepted for runc compatibility.")
 @click.option("--debug", is_flag=True, hidden=True, help="Accepted for runc compatibility.")
-@click.option("--systemd-cgroup", is_flag=True, hidden=True, help="Accepted for runc compatibility.")
+@click.option(
+    "--systemd-cgroup", is_flag=True, hidden=True, help="Accepted for runc compatibility."
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
