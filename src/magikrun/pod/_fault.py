@@ -25,11 +25,12 @@ def fault_from_env() -> FaultHook | None:
     value = os.environ.get(ENV_FAULT)
     if not value:
         return None
-    step, _, mode = value.partition(":")
-    mode = mode or "raise"
+    step, _, mode = value.rpartition(":")
     if mode not in ("raise", "exit"):
+        step, mode = value, "raise"
+    if not step:
         raise InvalidArgument(
-            f"{ENV_FAULT}={value!r}: unknown mode {mode!r}", hint="use step:raise or step:exit"
+            f"{ENV_FAULT}={value!r} names no step", hint="use STEP, STEP:raise or STEP:exit"
         )
 
     def hook(current: str) -> None:
