@@ -1,21 +1,51 @@
 #!/usr/bin/env bash
-# The README's first command: set everything up, then build the embedded demo images
-# (busybox from Debian's busybox-static, a WASI hello-world module) offline, import
-# them and show them. Idempotent. Uses $MAGIKRUN_ROOT if set, else magikrun's default root.
+# The README's first command: set everything up, build the embedded demo images (busybox
+# from Debian's busybox-static, a WASI hello-world module) offline and import them, then
+# run the demo pods in examples/ (a native pod of two containers sharing an emptyDir, and
+# a wasm pod), show their status and logs, and remove them. Idempotent: demo pods left by
+# an interrupted run are removed first. Uses $MAGIKRUN_ROOT if set, else the default root.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 
 ./scripts/setup.sh
 magikrun=.venv/bin/magikrun
+pods=(demo-native demo-wasm)
 
-echo "== magikrun image demo"
-"$magikrun" image demo
-echo
-echo "== magikrun image ls"
-"$magikrun" image ls
-for ref in magikrun.local/busybox:demo magikrun.local/hello-wasm:demo; do
+remove_demo_pods() {
+    for pod in "${pods[@]}"; do
+        if "$magikrun" pod status "$pod" >/dev/null 2>&1; then
+            "$magikrun" pod rm --force "$pod" >/dev/null
+        fi
+    done
+}
+
+step() {
     echo
-    echo "== magikrun image inspect $ref"
-    "$magikrun" image inspect "$ref"
+    echo "== magikrun $*"
+    "$magikrun" "$@"
+}
+
+remove_demo_pods
+trap remove_demo_pods EXIT
+
+step image demo
+step image ls
+
+step pod run examples/demo-native.yaml
+step pod run examples/demo-wasm.yaml
+sleep 3 # the writer writes a message a second, the reader logs what it finds
+step pod ls
+for pod in "${pods[@]}"; do
+    step pod status "$pod"
+    step pod logs "$pod"
 done
+step pod exec demo-native -c reader -- cat /data/message
+
+step pod stop demo-native
+step pod rm demo-native
+step pod rm demo-wasm
+step pod ls
+trap - EXIT
+echo
+echo "demo: done"
