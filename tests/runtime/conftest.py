@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.runtime._bundles import native_bundle
-from tests.runtime.test_wasm_runtime import conformance_bundle
 
 from magikrun.platform import Paths
 from magikrun.runtime import NativeRuntime, OciRuntime
 from magikrun.runtime._wasmtime import WasmtimeRuntime
+from tests.runtime._bundles import native_bundle
+from tests.runtime.test_wasm_runtime import conformance_bundle
 
 Workload = tuple[str, ...] | tuple[str, int]
 

@@ -10,9 +10,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tests.runtime._bundles import native_bundle
 
 from magikrun.platform import Paths
+from tests.runtime._bundles import native_bundle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="native containers need root")
 

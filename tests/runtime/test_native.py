@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.runtime._bundles import native_bundle
 
 from magikrun.errors import CreateFailed, InvalidBundle, InvalidState
 from magikrun.platform import Paths
 from magikrun.runtime import ContainerStatus, NativeRuntime
+from tests.runtime._bundles import native_bundle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="native containers need root")
 
