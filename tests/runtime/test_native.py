@@ -278,3 +278,51 @@ async def test_runc_selected_explicitly(paths: Paths, short_tmp: Path):
     assert await rt.wait(cid) == 4
     await rt.delete(cid)
     _nothing_left(paths)
+
+
+async def test_console_socket_receives_the_pty(rt: NativeRuntime, paths: Paths, short_tmp: Path):
+    import asyncio
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(short_tmp / "console.sock"))
+    server.listen(1)
+
+    def receive_pty() -> int:
+        conn, _ = server.accept()
+        with conn:
+            _msg, fds, _flags, _addr = socket.recv_fds(conn, 1024, 1)
+        return fds[0]
+
+    def read_until_eof(fd: int) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO once the last process holding the tty exits
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    bundle = _bundle(
+        paths,
+        short_tmp,
+        ["/bin/sh", "-c", "[ -t 1 ] && echo on-a-tty"],
+        edit=_set("process.terminal", True),
+    )
+    cid = _name()
+    try:
+        receiving = asyncio.ensure_future(asyncio.to_thread(receive_pty))
+        await rt.create(cid, bundle, console_socket=short_tmp / "console.sock")
+        master = await receiving
+        await rt.start(cid)
+        output = await asyncio.to_thread(read_until_eof, master)
+        os.close(master)
+        assert await rt.wait(cid) == 0
+        assert b"on-a-tty" in output
+    finally:
+        server.close()
+        await rt.delete(cid, force=True)
+    _nothing_left(paths)
