@@ -213,8 +213,8 @@ class NativePodRuntime(PodRuntimeBase):
                     policy=container.image_pull_policy.value,
                     progress=self.progress,
                 )
-            except BaseException:
-                where.container = container.name
+            except Exception:  # the first to fail is named (siblings are not cancelled)
+                where.container = where.container or container.name
                 raise
 
         await _together([pull(c) for c in wanted.values()])
@@ -315,8 +315,8 @@ class NativePodRuntime(PodRuntimeBase):
                     self.builder.build_oci_bundle, image, config, rootfs.path, bundle_dir
                 ),
             )
-        except BaseException:
-            where.container = c.name
+        except Exception:  # the first to fail is named (siblings are not cancelled)
+            where.container = where.container or c.name
             raise
 
     async def _rebuild_for_ip(
@@ -376,8 +376,8 @@ class NativePodRuntime(PodRuntimeBase):
                     bundle_dir,
                 ),
             )
-        except BaseException:
-            where.container = "infra"
+        except Exception:  # the first to fail is named (siblings are not cancelled)
+            where.container = where.container or "infra"
             raise
 
     async def _start_infra(self, rollback: Rollback, pod: str, directory: Path) -> None:
@@ -415,17 +415,23 @@ class NativePodRuntime(PodRuntimeBase):
 
 
 async def _together(steps: Sequence[Coroutine[Any, Any, None]]) -> None:
-    """Run coroutines in a task group; raise the first failure itself, not a group."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            for step in steps:
-                group.create_task(step)
-    except BaseExceptionGroup as failures:
-        raise _first(failures) from None
+    """Run steps concurrently; raise the first failure itself once all have ended.
 
+    Siblings of a failed step are not cancelled but finish: a step cancelled while its
+    file work runs in a thread would go on after the rollback had undone it.
+    """
+    errors: list[Exception] = []
 
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
+    async def step_of(step: Coroutine[Any, Any, None]) -> None:
+        try:
+            await step
+        except Exception as exc:  # noqa: BLE001 - collected, the first is raised below
+            errors.append(exc)
+
+    async with asyncio.TaskGroup() as group:
+        for step in steps:
+            group.create_task(step_of(step))
+    if errors:
+        for other in errors[1:]:
+            errors[0].add_note(f"also failed: {other}")
+        raise errors[0]

@@ -127,8 +127,8 @@ class WasmPodRuntime(PodRuntimeBase):
             images[c.image] = await self.images.pull(
                 c.image, policy=c.image_pull_policy.value, progress=self.progress
             )
-        except BaseException:
-            where.container = c.name
+        except Exception:  # the first to fail is named (siblings are not cancelled)
+            where.container = where.container or c.name
             raise
 
     async def _bundle(
@@ -169,8 +169,8 @@ class WasmPodRuntime(PodRuntimeBase):
                 {"path": str(bundle_dir)},
                 lambda: asyncio.to_thread(build),
             )
-        except BaseException:
-            where.container = c.name
+        except Exception:  # the first to fail is named (siblings are not cancelled)
+            where.container = where.container or c.name
             raise
 
     async def exec(
