@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import itertools
 import json
 import os
@@ -32,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import magikrun
 from magikrun import _process
 from magikrun.image import BundleBuilder, ContainerConfig
 from magikrun.platform import Paths
@@ -220,6 +222,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: containers need it")
+    # An installed package has its bytecode; this checkout may not (PYTHONDONTWRITEBYTECODE).
+    compileall.compile_dir(Path(magikrun.__file__).parent, quiet=1)
     work = Path(tempfile.mkdtemp(prefix="mkb-", dir="/tmp"))
     try:
         bench = Bench(work)
