@@ -20,7 +20,6 @@ import asyncio
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +28,15 @@ from magikrun.platform import Paths
 from magikrun.runtime._guestkernel import find_guest_kernel
 from magikrun.runtime._initramfs import CpioWriter, build_initramfs
 from magikrun.runtime._qemu import (
-    _PACKAGE,
     DEFAULT_CMDLINE,
     Machine,
     MicroVm,
     VmConfig,
     choose_accel,
+    guest_init,
     guest_modules,
     qemu_argv,
 )
-from magikrun.vminit import early_init_script
 
 BARE_INIT = b"#!/bin/sh\n/bin/busybox reboot -f\n"
 PLAIN_CMDLINE = ("console=ttyS0", "rdinit=/init", "panic=-1", "quiet")
@@ -104,7 +102,7 @@ def main() -> None:
             base = build_initramfs(
                 paths,
                 kernel,
-                early_init_script(sys.executable, _PACKAGE),
+                guest_init(),
                 modules=guest_modules(config),
             )
             bare_init = CpioWriter()

@@ -27,6 +27,7 @@ from magikrun.vminit._protocol import decode, encode
 
 from .conftest import needs_vm
 
+SHARES = (("magikrun.0", "/usr"), ("magikrun.1", "/opt/py"))
 ELF = b"\x7fELF" + bytes(range(256)) * 64
 
 
@@ -113,9 +114,12 @@ def test_cpio_is_read_back_by_busybox(tmp_path: Path) -> None:
 @needs_vm
 def test_initramfs_is_cached_by_content_and_private_part_is_0600(paths: Paths) -> None:
     kernel = find_guest_kernel(paths)
-    base = build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/pkg"))
-    assert build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/pkg")) == base
-    other = build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/other"))
+    base = build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/pkg", SHARES))
+    assert (
+        build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/pkg", SHARES))
+        == base
+    )
+    other = build_initramfs(paths, kernel, early_init_script("/usr/bin/python3", "/other", SHARES))
     assert other != base
     vm = paths.run / "vm.cpio"
     paths.run.mkdir(parents=True, exist_ok=True)
@@ -126,12 +130,14 @@ def test_initramfs_is_cached_by_content_and_private_part_is_0600(paths: Paths) -
         write_vm_initramfs(base, vm, {})
 
 
-def test_early_init_keeps_secrets_off_the_command_line() -> None:
-    script = early_init_script("/usr/bin/python3", "/pkg").decode()
+def test_early_init_mounts_the_shares_and_starts_vminit() -> None:
+    script = early_init_script("/usr/bin/python3", "/pkg", SHARES).decode()
     assert "switch_root /sysroot /usr/bin/python3 -I -S -c" in script
     assert "/run/magikrun-vm/config.json" in script
+    assert "mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=524288,ro" in script
+    assert "magikrun.1 /sysroot/opt/py" in script
     with pytest.raises(ValueError, match="unknown root share"):
-        early_init_script("/usr/bin/python3", "/pkg", share="nfs")
+        early_init_script("/usr/bin/python3", "/pkg", SHARES, share="nfs")
 
 
 def test_frames_are_bounded() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 
+import httpx
 import pytest
 
 from magikrun.errors import VmBootFailed, VmControlError
@@ -15,7 +16,7 @@ from magikrun.runtime._guestkernel import find_guest_kernel
 from magikrun.runtime._qemu import MicroVm, VmConfig
 from magikrun.vminit import GuestProcess
 
-from .conftest import SLEEPER, needs_vm
+from .conftest import SLEEPER, WEB_PORT, needs_vm
 
 pytestmark = [pytest.mark.slow, needs_vm]
 shared = pytest.mark.asyncio(loop_scope="module")
@@ -88,6 +89,21 @@ async def test_logs_and_status(shared_vm: MicroVm) -> None:
     assert b"GREETING=hi" in env.stdout
     with pytest.raises(VmControlError, match="no process"):
         [record async for record in shared_vm.client.logs("nobody")]
+
+
+@shared
+async def test_host_forward_reaches_the_guest(shared_vm: MicroVm, host_port: int) -> None:
+    fetch = ["/bin/busybox", "wget", "-q", "-O", "-", f"http://127.0.0.1:{WEB_PORT}/hostname"]
+    for _ in range(100):  # the server starts with the guest: wait until it listens
+        inside = await shared_vm.client.exec(fetch)
+        if inside.exit_code == 0:
+            break
+        await asyncio.sleep(0.2)
+    expected = b"magikrun-vm\n"  # the guest's own /etc: the host's is not shared
+    assert inside.stdout == expected
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{host_port}/hostname", timeout=30)
+    assert response.content == expected
 
 
 @shared

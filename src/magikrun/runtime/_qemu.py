@@ -17,7 +17,6 @@ import enum
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from ..platform import Paths, Platform
 from ..platform._limits import MAX_VCPUS, MAX_VM_MEMORY_MIB, VM_BOOT_TIMEOUT
 from ..vminit import (
     PORT_NAME,
-    ROOT_TAG,
     ControlClient,
     GuestConfig,
     GuestProcess,
@@ -118,6 +116,37 @@ def _devices(machine: Machine) -> tuple[str, str]:
     return "virtio-serial-pci", "virtio-9p-pci"
 
 
+_TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr")
+
+
+def host_shares() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """What the guest sees of the host: (9p tag, directory) shares and top-level links.
+
+    ``/usr`` (and ``/bin``, ``/lib``... where they are directories rather than links
+    into it), the Python installation and the magikrun package, read-only; nothing of
+    ``/etc``, ``/root``, ``/home`` or magikrun's state.
+    """
+    directories: list[str] = []
+    links: list[tuple[str, str]] = []
+    for name in _TOP_LEVEL:
+        path = Path("/") / name
+        if path.is_symlink():
+            links.append((name, os.readlink(path)))
+        elif path.is_dir():
+            directories.append(str(path))
+    for extra in (os.path.realpath(sys.base_prefix), _PACKAGE):
+        if not any(extra == d or extra.startswith(d + "/") for d in directories):
+            directories.append(extra)
+    shares = tuple((f"magikrun.{index}", path) for index, path in enumerate(directories))
+    return shares, tuple(links)
+
+
+def guest_init() -> bytes:
+    """The guest's ``/init`` for this host's shares and interpreter."""
+    shares, links = host_shares()
+    return early_init_script(os.path.realpath(sys.executable), _PACKAGE, shares, links)
+
+
 def qemu_argv(
     config: VmConfig,
     accel: str,
@@ -147,9 +176,15 @@ def qemu_argv(
         "-device", f"virtserialport,chardev=ctl,name={PORT_NAME}",
         "-chardev", f"socket,id=qmp,fd={qmp_fd}",
         "-mon", "chardev=qmp,mode=control",
-        "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", f"{ninep_dev},fsdev=root,mount_tag={ROOT_TAG}",
     ]  # fmt: skip
+    for index, (tag, path) in enumerate(host_shares()[0]):
+        escaped = path.replace(",", ",,")
+        argv += [
+            "-fsdev",
+            f"local,id=fs{index},path={escaped},security_model=none,readonly=on,multidevs=remap",
+            "-device",
+            f"{ninep_dev},fsdev=fs{index},mount_tag={tag}",
+        ]
     if config.network is not None:
         forwards = "".join(
             f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
@@ -269,7 +304,7 @@ class MicroVm:
             build_initramfs,
             self.paths,
             kernel,
-            early_init_script(sys.executable, _PACKAGE),
+            guest_init(),
             modules=guest_modules(self.config),
         )
         self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -404,9 +439,3 @@ class MicroVm:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(task)
         task.result()
-
-
-def signal_qemu(vm: MicroVm, sig: int = signal.SIGKILL) -> None:
-    """Send ``sig`` to a VM's QEMU, as something outside magikrun might (for tests)."""
-    if vm.pid is not None:
-        os.kill(vm.pid, sig)

@@ -5,13 +5,12 @@ the names below.
 """
 
 from ._client import ControlClient, ExecOutput, GuestConfig, GuestProcess, LogRecord
-from ._early import CONFIG_PATH, ROOT_TAG, early_init_script
+from ._early import CONFIG_PATH, early_init_script
 from ._protocol import PORT_NAME
 
 __all__ = [
     "CONFIG_PATH",
     "PORT_NAME",
-    "ROOT_TAG",
     "ControlClient",
     "ExecOutput",
     "GuestConfig",

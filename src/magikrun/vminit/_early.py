@@ -1,10 +1,11 @@
 """The guest's ``/init``: a busybox script that gets the host's Python running as PID 1.
 
 Python cannot start before its files are reachable, and they live on the host: so a
-few lines of busybox shell load the modules, mount the host's root read-only (9p or
-virtio-fs), give it fresh /proc, /sys, /dev, /run, /tmp and cgroup2, copy the VM's
-private configuration to a guest-only tmpfs, and ``switch_root`` into the host's
-Python running vminit.
+few lines of busybox shell load the modules, build a root on tmpfs from a few host
+directories shared read-only (``/usr``, the Python installation, the magikrun package:
+never the host's whole root, which holds other users' files and secrets), give it
+fresh /proc, /sys, /dev, /run, /tmp and cgroup2, copy the VM's private configuration
+to a guest-only tmpfs, and ``switch_root`` into the host's Python running vminit.
 
 Python starts with ``-I -S`` and a bootstrap that registers ``magikrun`` and
 ``magikrun.vminit`` as bare packages: the guest then imports only vminit's own
@@ -15,11 +16,10 @@ client (each of which costs the boot hundreds of milliseconds under TCG).
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 
-__all__ = ["CONFIG_PATH", "ROOT_TAG", "early_init_script"]
+__all__ = ["CONFIG_PATH", "early_init_script"]
 
-ROOT_TAG = "magikrun.root"
-"""Mount tag of the shared host root."""
 CONFIG_PATH = "/run/magikrun-vm/config.json"
 """Where vminit finds its configuration in the guest (tmpfs, mode 0600)."""
 
@@ -38,23 +38,46 @@ _BOOTSTRAP = (
 )
 
 
-def early_init_script(python: str, package: str, share: str = "9p") -> bytes:
-    """The ``/init`` text for a guest whose root is the host's, shared over ``share``.
-
-    ``python`` is the interpreter and ``package`` the ``magikrun`` package directory,
-    both host paths the guest sees at the same place.
+def early_init_script(
+    python: str,
+    package: str,
+    shares: Sequence[tuple[str, str]],
+    links: Sequence[tuple[str, str]] = (),
+    share: str = "9p",
+) -> bytes:
+    """The ``/init`` text: mount ``shares`` ((tag, host path) pairs, each at the same path
+    in the guest) over ``share``, add the top-level ``links`` ((name, target) pairs such
+    as ``bin -> usr/bin``), and start vminit with ``python`` from ``package``.
     """
     if share not in _MOUNT_OPTIONS:
         raise ValueError(f"unknown root share {share!r} (9p or virtiofs)")
+    q = shlex.quote
     bootstrap = _BOOTSTRAP.format(package=package)
+    lines = [f"$B ln -s {q(target)} /sysroot/{q(name)}" for name, target in links]
+    for tag, path in shares:
+        lines.append(f"$B mkdir -p /sysroot{q(path)}")
+        lines.append(
+            f"$B mount -t {share} -o {_MOUNT_OPTIONS[share]} {q(tag)} /sysroot{q(path)}"
+            f' || fail "cannot mount {tag}"'
+        )
+    mounts = "\n".join(lines)
     return f"""#!/bin/sh
 B=/bin/busybox
 fail() {{ echo "magikrun-init: $*"; $B reboot -f; }}
-umask 077
+umask 022
 while read m; do $B insmod /modules/$m || fail "insmod $m failed"; done < /modules.list
-$B mount -t {share} -o {_MOUNT_OPTIONS[share]} {ROOT_TAG} /sysroot || fail "cannot mount the root"
+$B mount -t tmpfs -o mode=0755 root /sysroot || fail "cannot mount the root"
+$B mkdir /sysroot/etc /sysroot/proc /sysroot/sys /sysroot/dev /sysroot/run /sysroot/tmp
+$B mkdir -m 0700 /sysroot/root
+{mounts}
+echo "root:x:0:0:root:/root:/bin/sh" > /sysroot/etc/passwd
+echo "root:x:0:" > /sysroot/etc/group
+echo "127.0.0.1 localhost" > /sysroot/etc/hosts
+echo "magikrun-vm" > /sysroot/etc/hostname
+$B hostname magikrun-vm
+$B mount -o remount,ro /sysroot
 $B mount -t tmpfs -o mode=0755,nosuid,nodev run /sysroot/run || fail "cannot mount /run"
-$B mkdir -p /sysroot/run/magikrun-vm
+$B mkdir -m 0700 /sysroot/run/magikrun-vm
 $B cp /vm/config.json /sysroot{CONFIG_PATH}
 $B mount -t proc -o nosuid,nodev,noexec proc /sysroot/proc
 $B mount -t sysfs -o nosuid,nodev,noexec sysfs /sysroot/sys
@@ -64,5 +87,5 @@ $B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /sysroot/de
 $B mount -t tmpfs -o mode=1777,nosuid,nodev shm /sysroot/dev/shm
 $B mount -t tmpfs -o mode=1777,nosuid,nodev tmp /sysroot/tmp
 $B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sysroot/sys/fs/cgroup
-exec $B switch_root /sysroot {shlex.quote(python)} -I -S -c {shlex.quote(bootstrap)} {CONFIG_PATH}
+exec $B switch_root /sysroot {q(python)} -I -S -c {q(bootstrap)} {CONFIG_PATH}
 """.encode()
