@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,10 +44,35 @@ from ._state import PodRecord, PodStore, Resource
 from ._types import ContainerInfo, LogLine, PodPhase, PodStatus, RuntimeName
 from ._undo import read_pid_file, recover_pods, stop_process, undo_all, undo_resource
 
-__all__ = ["PodRuntimeBase", "container_id", "infra_id"]
+__all__ = ["PodRuntimeBase", "container_id", "infra_id", "together"]
 
 T = TypeVar("T")
 
+_SUPERVISOR_BOOTSTRAP = """
+import json, os, sys
+pid_file, path = sys.argv[1], json.loads(sys.argv[2])
+r, w = os.pipe()
+if os.fork():
+    os.close(w)
+    os._exit(0 if os.read(r, 1) == b"1" else 1)
+os.close(r)
+os.setsid()
+null = os.open(os.devnull, os.O_RDWR)
+log = os.open(pid_file + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+os.dup2(null, 0); os.dup2(null, 1); os.dup2(log, 2); os.close(null); os.close(log)
+with open("/proc/self/stat", "rb") as f:
+    start = f.read().rsplit(b")", 1)[1].split()[19].decode()
+with open(pid_file + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {start}")
+os.replace(pid_file + ".tmp", pid_file)
+os.write(w, b"1"); os.close(w)
+sys.path[:] = path
+from magikrun.pod._supervisor import main
+main(sys.argv[3:])
+"""
+"""Runs the supervisor detached: the pid file is written before the (slow) imports, and the
+process started here exits at once, so nothing waits for a Python import and no zombie
+stays with the caller. Standard library only until the pid file is out."""
 _STOP_POLL = 0.05
 _FOLLOW_POLL = 0.1
 _INFRA_GRACE = 5.0
@@ -140,6 +165,26 @@ class PodRuntimeBase:
             lambda: runtime.create(cid, self.paths.bundles / cid),
         )
 
+    async def _create_all(
+        self, rollback: Rollback, pod: str, containers: Sequence[Container], where: _Where
+    ) -> None:
+        """Create the containers concurrently (each is its own step, in order)."""
+        failed: list[str] = []
+
+        async def create(c: Container) -> None:
+            self._at(where, "create", c.name)
+            try:
+                await self._create(rollback, pod, container_id(pod, c.name))
+            except Exception:
+                failed.append(c.name)
+                raise
+
+        try:
+            await together([create(c) for c in containers])
+        finally:
+            if failed:
+                where.step, where.container = "create", failed[0]
+
     async def _undo(self, resource: Resource) -> None:
         await undo_resource(self.paths, resource)
         self.store.forget(resource)
@@ -179,8 +224,11 @@ class PodRuntimeBase:
             argv = [
                 sys.executable,
                 "-I",
-                "-m",
-                "magikrun.pod._supervisor",
+                "-S",
+                "-c",
+                _SUPERVISOR_BOOTSTRAP,
+                str(pid_file),
+                json.dumps(sys.path),
                 str(self.paths.data),
                 str(self.paths.run),
                 spec.id,
@@ -488,6 +536,29 @@ class PodRuntimeBase:
         if not argv:
             raise InvalidArgument("exec needs a command", hint="pass the program and its args")
         return self._app_container(pod_id, container), argv
+
+
+async def together(steps: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run steps concurrently; raise the first failure itself once all have ended.
+
+    Siblings of a failed step are not cancelled but finish: a step cancelled while its
+    file work runs in a thread would go on after the rollback had undone it.
+    """
+    errors: list[Exception] = []
+
+    async def step_of(step: Coroutine[Any, Any, None]) -> None:
+        try:
+            await step
+        except Exception as exc:  # noqa: BLE001 - collected, the first is raised below
+            errors.append(exc)
+
+    async with asyncio.TaskGroup() as group:
+        for step in steps:
+            group.create_task(step_of(step))
+    if errors:
+        for other in errors[1:]:
+            errors[0].add_note(f"also failed: {other}")
+        raise errors[0]
 
 
 def _alive(pid: int, start: int | None) -> bool:

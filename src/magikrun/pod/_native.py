@@ -20,9 +20,8 @@ import asyncio
 import ctypes
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..errors import PodError
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, Mount, ProgressCallback
@@ -30,7 +29,7 @@ from ..image import Resources as BundleResources
 from ..platform._limits import DEFAULT_MEMORY_BYTES, EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import ExecResult, NativeRuntime
-from ._base import PodRuntimeBase, _Where, container_id, infra_id, pod_dir
+from ._base import PodRuntimeBase, _Where, container_id, infra_id, pod_dir, together
 from ._fault import FaultHook
 from ._hostfiles import write_etc_files
 from ._netns import create_netns
@@ -139,7 +138,7 @@ class NativePodRuntime(PodRuntimeBase):
                 c.name: self._config(spec, c, directory, netns, volumes, ip)
                 for c in (*spec.init_containers, *spec.containers)
             }
-            await _together(
+            await together(
                 [
                     self._infra_bundle(rollback, spec, directory, netns, where),
                     *(
@@ -188,9 +187,7 @@ class NativePodRuntime(PodRuntimeBase):
             for init in spec.init_containers:
                 self._at(where, "init", init.name)
                 await self._run_init(rollback, pod, init)
-            for c in spec.containers:
-                self._at(where, "create", c.name)
-                await self._create(rollback, pod, container_id(pod, c.name))
+            await self._create_all(rollback, pod, spec.containers, where)
             for c in spec.containers:
                 self._at(where, "start", c.name)
                 await self.runtime.start(container_id(pod, c.name))
@@ -217,7 +214,7 @@ class NativePodRuntime(PodRuntimeBase):
                 where.container = where.container or container.name
                 raise
 
-        await _together([pull(c) for c in wanted.values()])
+        await together([pull(c) for c in wanted.values()])
         return images
 
     def _make_pod_dir(self, spec: PodSpec, directory: Path) -> None:
@@ -412,26 +409,3 @@ class NativePodRuntime(PodRuntimeBase):
         """Run ``argv`` in an app container (the first one when ``container`` is None)."""
         cid, argv = await self._exec_checked(pod_id, container, argv)
         return await self.runtime.exec(cid, argv, timeout=timeout)
-
-
-async def _together(steps: Sequence[Coroutine[Any, Any, None]]) -> None:
-    """Run steps concurrently; raise the first failure itself once all have ended.
-
-    Siblings of a failed step are not cancelled but finish: a step cancelled while its
-    file work runs in a thread would go on after the rollback had undone it.
-    """
-    errors: list[Exception] = []
-
-    async def step_of(step: Coroutine[Any, Any, None]) -> None:
-        try:
-            await step
-        except Exception as exc:  # noqa: BLE001 - collected, the first is raised below
-            errors.append(exc)
-
-    async with asyncio.TaskGroup() as group:
-        for step in steps:
-            group.create_task(step_of(step))
-    if errors:
-        for other in errors[1:]:
-            errors[0].add_note(f"also failed: {other}")
-        raise errors[0]

@@ -1,19 +1,16 @@
 """A pod's supervisor: applies the restart policy, detached from whoever ran the pod.
 
-``python -I -m magikrun.pod._supervisor DATA RUN POD_ID BACKOFF`` forks; the parent
-exits once the child has written ``supervisor.pid`` (``PID START``) in the pod's
-directory, so the caller waits for a short-lived child and the supervisor is
-re-parented away from it. The supervisor watches the app containers; one that
-exited is restarted when the policy says so (``Always``; ``OnFailure`` on a non-zero
-code) after ``BACKOFF * 2**restarts`` seconds, capped at ``RESTART_BACKOFF_CAP``. It
-counts restarts in ``restarts.json``. SIGTERM ends it between two actions.
+The pod runtime starts it detached (see ``_SUPERVISOR_BOOTSTRAP`` in ``_base.py``),
+with ``supervisor.pid`` (``PID START``) in the pod's directory. The supervisor watches
+the app containers; one that exited is restarted when the policy says so (``Always``;
+``OnFailure`` on a non-zero code) after ``BACKOFF * 2**restarts`` seconds, capped at
+``RESTART_BACKOFF_CAP``. It counts restarts in ``restarts.json``; SIGTERM ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -22,13 +19,12 @@ from ..errors import ContainerNotFound, MagikrunError
 from ..platform._limits import RESTART_BACKOFF_CAP
 from ..platform._paths import Paths
 from ..runtime import ContainerStatus, ContainerStore
-from ..runtime._store import process_start_time
 from ._base import container_id, pod_dir
 from ._spec import RestartPolicy
 from ._state import PodStore
 from ._undo import container_runtime
 
-__all__ = ["supervise"]
+__all__ = ["main", "supervise"]
 
 _POLL = 0.2
 
@@ -82,32 +78,11 @@ async def supervise(paths: Paths, pod_id: str, backoff: float, stopping: asyncio
             pass
 
 
-def _main(argv: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    """``DATA RUN POD_ID BACKOFF``: supervise until SIGTERM/SIGINT (started detached by the
+    pod runtime, which has written the pid file already)."""
     data, run, pod_id, backoff = argv
     paths = Paths(data=Path(data), run=Path(run))
-    pid_file = pod_dir(paths, pod_id) / "supervisor.pid"
-    read_fd, write_fd = os.pipe()
-    if os.fork() != 0:
-        os.close(write_fd)
-        ok = os.read(read_fd, 1) == b"1"
-        os._exit(0 if ok else 1)
-    os.close(read_fd)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
-    log = os.open(
-        pid_file.with_name("supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-    )
-    os.dup2(log, 2)
-    os.close(log)
-    os.close(devnull)
-    pid = os.getpid()
-    tmp = pid_file.with_suffix(".tmp")
-    tmp.write_text(f"{pid} {process_start_time(pid)}")
-    tmp.replace(pid_file)
-    os.write(write_fd, b"1")
-    os.close(write_fd)
 
     async def run_until_signal() -> None:
         stopping = asyncio.Event()
@@ -117,7 +92,3 @@ def _main(argv: list[str]) -> None:
         await supervise(paths, pod_id, float(backoff), stopping)
 
     asyncio.run(run_until_signal())
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

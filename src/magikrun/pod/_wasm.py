@@ -26,9 +26,8 @@ from ..image import (
 from ..platform._limits import EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import ExecResult, OciRuntime
-from ._base import PodRuntimeBase, _Where, container_id, pod_dir
+from ._base import PodRuntimeBase, _Where, container_id, pod_dir, together
 from ._fault import FaultHook
-from ._native import _together
 from ._rollback import Rollback
 from ._spec import Container, PodSpec, resolve_env
 from ._types import PodHandle
@@ -81,7 +80,7 @@ class WasmPodRuntime(PodRuntimeBase):
             rollback.push("record", lambda: self._drop_record(pod, rollback))
             self._at(where, "pull")
             images: dict[str, Image] = {}
-            await _together([self._pull(c, images, where) for c in everything])
+            await together([self._pull(c, images, where) for c in everything])
             self._at(where, "bundle")
             await self._make(
                 rollback,
@@ -92,15 +91,13 @@ class WasmPodRuntime(PodRuntimeBase):
                 lambda: asyncio.to_thread(directory.mkdir, 0o711, True),
             )
             volumes = await asyncio.to_thread(prepare_volumes, spec, directory)
-            await _together(
+            await together(
                 [
                     self._bundle(rollback, spec, c, images[c.image], volumes, where)
                     for c in everything
                 ]
             )
-            for c in everything:
-                self._at(where, "create", c.name)
-                await self._create(rollback, pod, container_id(pod, c.name))
+            await self._create_all(rollback, pod, everything, where)
             for init in spec.init_containers:
                 self._at(where, "init", init.name)
                 cid = container_id(pod, init.name)
