@@ -31,12 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from _registry import RegistryServer, busybox_layer, make_image, push_image  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # the repo root: tests/ is a package
 
 from magikrun.image import ImageService, LayerEntry, RegistryClient, build_layer, pull  # noqa: E402
 from magikrun.platform import Paths  # noqa: E402
+from tests._registry import RegistryServer, busybox_layer, make_image, push_image  # noqa: E402
 
 MAGIKRUN = Path(sys.executable).with_name("magikrun")
 LAYERS = 4
