@@ -172,8 +172,8 @@ class PodRuntimeBase:
         failed: list[str] = []
 
         async def create(c: Container) -> None:
-            self._at(where, "create", c.name)
             try:
+                self._at(where, "create", c.name)
                 await self._create(rollback, pod, container_id(pod, c.name))
             except Exception:
                 failed.append(c.name)
