@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -308,3 +309,42 @@ async def test_open_pod_runtime_by_name_and_class(env: PodEnv) -> None:
 
     with pytest.raises(InvalidArgument, match="magikrun-wasm"):
         open_pod_runtime(env.paths, "kata")
+
+
+async def test_logs_tail_and_follow(env: PodEnv) -> None:
+    manifest = pod_yaml(
+        unique(),
+        busybox("talk", "for i in 1 2 3 4; do echo line$i; done; echo oops >&2; sleep 1; echo end"),
+    )
+    runtime = env.native()
+    handle = await runtime.run_pod(spec(manifest))
+    followed = [(x.stream, x.text) async for x in runtime.logs(handle.id, follow=True)]
+    assert followed == [
+        ("stdout", "line1"),
+        ("stdout", "line2"),
+        ("stdout", "line3"),
+        ("stdout", "line4"),
+        ("stderr", "oops"),
+        ("stdout", "end"),
+    ]
+    tail = [x.text async for x in runtime.logs(handle.id, "talk", tail=2)]
+    assert tail == ["oops", "end"]
+    await runtime.delete_pod(handle.id)
+    assert env.leftovers() == {}
+
+
+async def test_share_process_namespace_and_host_network(env: PodEnv) -> None:
+    manifest = pod_yaml(
+        unique(),
+        busybox("one", "exec sleep 1001") + busybox("two", "exec sleep 1002"),
+        "  shareProcessNamespace: true\n  hostNetwork: true\n",
+    )
+    runtime = env.native()
+    handle = await runtime.run_pod(spec(manifest))
+    assert handle.ip is None
+    seen = await runtime.exec(handle.id, "two", ["ps", "-o", "args"])
+    assert "sleep 1001" in seen.stdout.decode() and "magikrun.infra" in seen.stdout.decode()
+    netns = await runtime.exec(handle.id, "one", ["readlink", "/proc/self/ns/net"])
+    assert netns.stdout.decode().strip() == os.readlink("/proc/self/ns/net")
+    await runtime.delete_pod(handle.id, force=True)
+    assert env.leftovers() == {}

@@ -25,6 +25,7 @@ from ._volumes import remove_pod_dir
 __all__ = ["container_runtime", "recover_pods", "stop_process", "undo_resource"]
 
 _STOP_WAIT = 10.0
+_INDEPENDENT = frozenset({"container", "rootfs", "bundle"})
 _POLL = 0.02
 
 
@@ -104,15 +105,31 @@ async def stop_process(pid_file: Path) -> None:
 
 
 async def undo_all(paths: Paths, store: PodStore, record: PodRecord) -> list[str]:
-    """Undo every recorded resource of a pod in reverse; the errors, as text."""
-    errors = []
+    """Undo every recorded resource of a pod in reverse; the errors, as text.
+
+    Neighbouring resources of one kind that do not depend on each other (containers,
+    root filesystems, bundles) are undone concurrently.
+    """
+    errors: list[str] = []
+    groups: list[list[Resource]] = []
     for resource in reversed(store.resources(record.id)):
+        if groups and resource.kind in _INDEPENDENT and groups[-1][0].kind == resource.kind:
+            groups[-1].append(resource)
+        else:
+            groups.append([resource])
+
+    async def undo(resource: Resource) -> None:
         try:
             await undo_resource(paths, resource)
         except (MagikrunError, OSError) as exc:
             errors.append(f"{resource.kind} {resource.key}: {exc}")
         else:
             store.forget(resource)
+
+    for group in groups:
+        async with asyncio.TaskGroup() as tasks:
+            for resource in group:
+                tasks.create_task(undo(resource))
     return errors
 
 
