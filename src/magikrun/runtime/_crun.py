@@ -42,7 +42,13 @@ from ..platform._limits import (
 )
 from ..platform._paths import Paths
 from ._monitor import MonitorSpec
-from ._store import ContainerRecord, ContainerStore, process_start_time, validate_container_id
+from ._store import (
+    ContainerRecord,
+    ContainerStore,
+    process_start_time,
+    validate_container_id,
+    write_pid_file,
+)
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 
 __all__ = ["NativeRuntime", "ensure_cgroup_compat", "load_bundle_config"]
@@ -467,7 +473,7 @@ class NativeRuntime:
                 monitor_start=process_start_time(report.monitor_pid),
             )
             if pid_file is not None:
-                _write_pid_file(Path(pid_file), report.pid)
+                write_pid_file(Path(pid_file), report.pid)
         except BaseException as exc:
             await self._undo_create(id, binary, exc)
             raise
@@ -562,9 +568,3 @@ class NativeRuntime:
         if done.returncode != 0:
             _raise_for("ps", id, binary, done)
         return [int(p) for p in json.loads(done.stdout or b"[]")]
-
-
-def _write_pid_file(path: Path, pid: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(str(pid))
-    tmp.rename(path)

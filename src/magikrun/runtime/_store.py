@@ -33,7 +33,13 @@ from ..platform._paths import Paths
 from ._monitor import LOG_FILE, read_exit, rfc3339_nano
 from ._types import ContainerState, ContainerStatus
 
-__all__ = ["ContainerRecord", "ContainerStore", "process_start_time", "validate_container_id"]
+__all__ = [
+    "ContainerRecord",
+    "ContainerStore",
+    "process_start_time",
+    "validate_container_id",
+    "write_pid_file",
+]
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _STATE_FILE = "state.json"
@@ -272,3 +278,10 @@ class ContainerStore:
     def remove(self, id: str) -> None:
         """Forget the container: its directory and everything in it."""
         shutil.rmtree(self.directory(id), ignore_errors=False)
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """Write ``--pid-file`` the way runc does: whole or not at all (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(str(pid))
+    tmp.rename(path)
