@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from .errors import MagikrunTimeout
 from .runtime import _monitor
 
-__all__ = ["Completed", "MonitorReport", "run", "start_monitor", "terminate", "wait_exit"]
+__all__ = [
+    "Completed",
+    "MonitorReport",
+    "forkable",
+    "run",
+    "start_monitor",
+    "terminate",
+    "wait_exit",
+]
 
 DEFAULT_GRACE = 5.0
 """Seconds between SIGTERM and SIGKILL when a child must be stopped."""
@@ -181,9 +189,25 @@ class MonitorReport:
     status: int | None = None
     reason: str = ""
     stderr: str = ""
+    forked: bool = False
+    """True when the monitor is a fork of this process (see :func:`start_monitor`)."""
 
 
-def _fork_monitor(spec: _monitor.MonitorSpec, report_w: int) -> int:
+def forkable() -> bool:
+    """True when this process has one thread, the only state in which forking it is safe.
+
+    Counts the kernel's threads, not Python's, so threads of native libraries
+    (a compiler's thread pool, say) count too.
+    """
+    return (
+        len(os.listdir("/proc/self/task")) == 1
+        and threading.current_thread() is threading.main_thread()
+    )
+
+
+def _fork_monitor(
+    spec: _monitor.MonitorSpec, report_w: int, child: _monitor.ChildMain | None
+) -> int:
     """Fork the warm interpreter into a detached monitor; the session id (= pgid)."""
     pid = os.fork()
     if pid != 0:
@@ -203,7 +227,7 @@ def _fork_monitor(spec: _monitor.MonitorSpec, report_w: int) -> int:
             os.close(null)
         os.closerange(3, report_w)
         os.closerange(report_w + 1, os.sysconf("SC_OPEN_MAX"))
-        code = _monitor.run_monitor(spec, report_w)
+        code = _monitor.run_monitor(spec, report_w, child)
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return to the caller
         with contextlib.suppress(OSError):
             os.write(report_w, json.dumps({"ok": False, "reason": repr(exc)}).encode() + b"\n")
@@ -226,23 +250,27 @@ def _exec_monitor(spec: _monitor.MonitorSpec, report_w: int) -> subprocess.Popen
 
 
 async def start_monitor(
-    spec: _monitor.MonitorSpec, *, timeout: float | None = None
+    spec: _monitor.MonitorSpec,
+    *,
+    timeout: float | None = None,
+    child: _monitor.ChildMain | None = None,
 ) -> MonitorReport:
     """Start a detached monitor for ``spec`` and wait for its creation report.
 
-    A single-threaded caller forks itself (about a millisecond); a caller with
-    other threads alive cannot fork safely and starts ``python -I -S`` instead.
+    A single-threaded caller (see :func:`forkable`) forks itself (about a
+    millisecond), and then ``child``, if given, is the container process: the
+    monitor forks again and calls it, with no exec. A caller with other threads
+    alive cannot fork safely; it starts ``python -I -S`` instead, whose container
+    process is ``spec.argv``. ``MonitorReport.forked`` says which happened.
     If waiting fails or is cancelled, the monitor's whole process group gets
     SIGTERM, a grace period, then SIGKILL, before the error propagates.
     """
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     launcher: subprocess.Popen[bytes] | None = None
+    forked = forkable()
     try:
-        forkable = (
-            threading.active_count() == 1 and threading.current_thread() is threading.main_thread()
-        )
-        if forkable:
-            pgid = _fork_monitor(spec, report_w)
+        if forked:
+            pgid = _fork_monitor(spec, report_w, child)
         else:
             launcher = _exec_monitor(spec, report_w)
             pgid = launcher.pid
@@ -261,7 +289,9 @@ async def start_monitor(
         os.close(report_r)
     line = b"".join(chunks).split(b"\n", 1)[0]
     if not line:
-        return MonitorReport(ok=False, monitor_pid=0, reason="the monitor died before reporting")
+        return MonitorReport(
+            ok=False, monitor_pid=0, reason="the monitor died before reporting", forked=forked
+        )
     message = json.loads(line)
     return MonitorReport(
         ok=bool(message.get("ok")),
@@ -270,6 +300,7 @@ async def start_monitor(
         status=message.get("status"),
         reason=str(message.get("reason", "")),
         stderr=str(message.get("stderr", "")),
+        forked=forked,
     )
 
 

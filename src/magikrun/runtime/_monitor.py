@@ -14,11 +14,19 @@ a wasm container the wasm worker — and then:
 
 It imports only the standard library and nothing of magikrun, so that it can run
 as ``python -I -S _monitor.py SPEC REPORT_FD`` as well as in a forked child of a
-warm magikrun process (see ``magikrun._process.start_monitor``).
+warm magikrun process (see ``magikrun._process.start_monitor``). Only in the
+latter can the container process be a ``child`` callable run in a fork of the
+monitor instead of an exec of ``argv`` (how a wasm worker skips interpreter
+start-up and imports).
+
+In ``ready="fd"`` mode a process that reports anything but ``ok`` is killed and
+the monitor ends without an exit record: a container that never became ready
+has no exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -28,8 +36,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 __all__ = ["EXIT_FILE", "LOG_FILE", "MonitorSpec", "read_exit", "rfc3339_nano", "run_monitor"]
 
@@ -122,6 +131,23 @@ class _CriLog:
         os.write(self.fd, b"%s %s %s %s\n" % (rfc3339_nano().encode(), self.stream, tag, line))
 
 
+ChildMain = Callable[[], NoReturn]
+"""A container process as a function, run in a fork of the monitor (never returns)."""
+
+
+class _Launcher(Protocol):
+    pid: int
+    returncode: int | None
+
+
+@dataclass(slots=True)
+class _Forked:
+    """The container process when it is a fork of the monitor (no exec)."""
+
+    pid: int
+    returncode: int | None = None
+
+
 def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
@@ -148,8 +174,10 @@ def _report(fd: int | None, message: dict[str, Any]) -> None:
 
 
 class _Monitor:
-    def __init__(self, spec: MonitorSpec, report_fd: int) -> None:
+    def __init__(self, spec: MonitorSpec, report_fd: int, child: ChildMain | None) -> None:
         self.spec = spec
+        self.child = child
+        self.not_ready = False
         self.report_fd: int | None = report_fd
         self.readers: dict[int, _CriLog | None] = {}
         self.stderr_before_ready = b""
@@ -179,6 +207,8 @@ class _Monitor:
             self._reap(launcher)
             if self.exit_code is not None and drain_deadline is None:
                 drain_deadline = time.monotonic() + _DRAIN_SECONDS
+            if self.not_ready:
+                return 1
             if self.exit_code is not None and not self.readers:
                 break
             if self.report_fd is None and self.childless and self.exit_code is None:
@@ -211,7 +241,7 @@ class _Monitor:
             _write_atomic(os.path.join(self.spec.directory, EXIT_FILE), json.dumps(record).encode())
         return 0
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> _Launcher:
         spec = self.spec
         env = dict(os.environ if spec.env is None else spec.env)
         pass_fds: tuple[int, ...] = ()
@@ -233,10 +263,13 @@ class _Monitor:
             self.readers[out_r] = _CriLog(log_fd, "stdout")
             self.readers[err_r] = _CriLog(log_fd, "stderr")
             self.err_fd = err_r
+        stdin = None if spec.inherit_stdin else subprocess.DEVNULL
         try:
+            if self.child is not None:
+                return self._fork_child(self.child, env, out_w, err_w, ready_w)
             return subprocess.Popen(
                 spec.argv,
-                stdin=None if spec.inherit_stdin else subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=out_w,
                 stderr=err_w,
                 close_fds=True,
@@ -249,7 +282,44 @@ class _Monitor:
                 if fd is not None and fd >= 0:
                     os.close(fd)
 
-    def _read(self, fd: int, poller: select.poll, launcher: subprocess.Popen[bytes]) -> None:
+    def _fork_child(
+        self,
+        child: ChildMain,
+        env: dict[str, str],
+        out_w: int | None,
+        err_w: int | None,
+        ready_w: int,
+    ) -> _Forked:
+        """Fork the container process and give it what ``Popen`` would: stdio, env, cwd,
+        default signal handling, and no fd but 0-2 and the ready fd."""
+        pid = os.fork()
+        if pid != 0:
+            return _Forked(pid)
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            if not self.spec.inherit_stdin:
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
+            for fd, target in ((out_w, 1), (err_w, 2)):
+                if fd is not None:
+                    os.dup2(fd, target)
+            if ready_w >= 0:
+                if ready_w != 3:
+                    os.dup2(ready_w, 3)
+                env["MAGIKRUN_READY_FD"] = "3"
+            os.closerange(4 if ready_w >= 0 else 3, os.sysconf("SC_OPEN_MAX"))
+            os.environ.clear()
+            os.environ.update(env)
+            if self.spec.cwd is not None:
+                os.chdir(self.spec.cwd)
+            child()
+        finally:
+            os._exit(127)
+
+    def _read(self, fd: int, poller: select.poll, launcher: _Launcher) -> None:
         try:
             data = os.read(fd, _READ_CHUNK)
         except BlockingIOError:
@@ -277,15 +347,19 @@ class _Monitor:
         if writer is not None:
             writer.feed(data)
 
-    def _ready_from_fd(self, launcher: subprocess.Popen[bytes]) -> None:
+    def _ready_from_fd(self, launcher: _Launcher) -> None:
         line = self.ready_line.split(b"\n", 1)[0].decode(errors="replace")
         if line == "ok" and launcher.returncode is None:
             self.container_pid = launcher.pid
             self._send({"ok": True, "pid": launcher.pid})
-        else:
-            self._send_failure(launcher, line or "the process closed its ready fd")
+            return
+        self._send_failure(launcher, line or "the process closed its ready fd")
+        if launcher.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(launcher.pid, signal.SIGKILL)
+        self.not_ready = True
 
-    def _check_ready(self, launcher: subprocess.Popen[bytes]) -> bool:
+    def _check_ready(self, launcher: _Launcher) -> bool:
         """Called once the launcher has exited while a report is still owed."""
         if self.spec.ready == "fd":
             self._send_failure(launcher, "the process exited before it was ready")
@@ -312,7 +386,7 @@ class _Monitor:
             os.close(self.report_fd)
             self.report_fd = None
 
-    def _send_failure(self, launcher: subprocess.Popen[bytes], reason: str) -> None:
+    def _send_failure(self, launcher: _Launcher, reason: str) -> None:
         if self.err_fd in self.readers:
             while True:
                 try:
@@ -331,7 +405,7 @@ class _Monitor:
             }
         )
 
-    def _reap(self, launcher: subprocess.Popen[bytes]) -> None:
+    def _reap(self, launcher: _Launcher) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -348,9 +422,12 @@ class _Monitor:
                 self.reaped[pid] = status
 
 
-def run_monitor(spec: MonitorSpec, report_fd: int) -> int:
-    """Be the monitor in this process; returns the monitor's own exit status."""
-    return _Monitor(spec, report_fd).run()
+def run_monitor(spec: MonitorSpec, report_fd: int, child: ChildMain | None = None) -> int:
+    """Be the monitor in this process; returns the monitor's own exit status.
+
+    With ``child`` the container process is a fork running it instead of ``spec.argv``.
+    """
+    return _Monitor(spec, report_fd, child).run()
 
 
 def _main(argv: list[str]) -> None:
