@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import hashlib
 import os
 import signal
@@ -194,6 +195,7 @@ def _wasmtime_errors(
         raise error(f"{message}: {_reason(str(exc))}", hint=hint, **subject) from exc
 
 
+@functools.cache
 def _wasmtime_version() -> str:
     """The installed wasmtime-py version, read from its dist-info name (cheap, no metadata scan)."""
     site = Path(wasmtime.__file__).resolve().parent.parent
@@ -216,6 +218,10 @@ class WasmEngine:
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
+        # Compile on the calling thread: a thread pool left behind would make forking
+        # a process that compiled (how a wasm container's worker starts) unsafe.
+        # Serialized modules do not depend on it.
+        config.parallel_compilation = False
         self._engine = wasmtime.Engine(config)
         self._interrupt = _Interrupt()
         self._cache_key = hashlib.sha256(
@@ -420,10 +426,15 @@ class WasmEngine:
         return self.cache_dir / f"{hexdigest}-{self._cache_key}{_CACHE_SUFFIX}"
 
     def _from_cache(self, path: Path) -> wasmtime.Module | None:
-        if not path.is_file():
+        """The cached module, read into memory: ``deserialize_file`` would keep the file
+        open for the module's lifetime, and a worker forked from this process closes
+        every fd it did not make."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
             return None
         try:
-            return wasmtime.Module.deserialize_file(self._engine, str(path))
+            return wasmtime.Module.deserialize(self._engine, data)
         except wasmtime.WasmtimeError:
             # Corrupt or from another wasmtime build: compiling again replaces it.
             return None

@@ -1,9 +1,15 @@
-"""The container process of a wasm container: one Python process per module.
+"""The container process of a wasm container: one process per module.
 
-Started by the container's monitor (``ready="fd"``), the worker does at create
-everything that can fail — opening the module inside the rootfs, compiling it or
-taking it from the cache, linking WASI, opening preopened directories — and says
-``ok`` (or one JSON error line) on ``$MAGIKRUN_READY_FD``. It then blocks opening
+The worker is started by the container's monitor (``ready="fd"``) in one of two
+ways. Usually the monitor is a fork of the creating process, which has already
+compiled the module (or taken it from the cache), and the worker is a fork of the
+monitor that calls :func:`serve` with it: no exec, no interpreter start-up, no
+imports. When the creating process had other threads alive, forking it is not
+safe; then the monitor is a fresh interpreter that execs ``python -I -m
+magikrun.runtime._wasm_worker SPEC_FILE`` (:func:`main`), which opens and loads
+the module itself. Either way the worker does at create everything else that can
+fail — linking WASI, opening preopened directories — and says ``ok`` (or one JSON
+error line) on ``$MAGIKRUN_READY_FD``. It then blocks opening
 its exec fifo for writing, as crun's container init does, until ``start`` opens the
 fifo for reading; then it runs the module and exits with the module's exit code
 (see :mod:`magikrun.runtime._wasm_engine` for the table).
@@ -15,8 +21,8 @@ is bumped so that wasm code stops at its next check and the worker exits with
 monitor gives it: /dev/null and pipes into the CRI log, or for a foreground run the
 caller's own stdin, stdout and stderr; the module gets the same.
 
-Run as ``python -m magikrun.runtime._wasm_worker SPEC_JSON_FILE``; the spec file
-sits in the container's state directory (mode 0600: it holds the environment).
+The spec file sits in the container's state directory (mode 0600: it holds the
+environment).
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import InvalidBundle, LimitExceeded, MagikrunError
 
-__all__ = ["READY_FD_ENV", "WorkerSpec", "main", "open_in_root"]
+if TYPE_CHECKING:
+    from ._wasm_engine import CompiledModule, WasmEngine
+
+__all__ = ["READY_FD_ENV", "WorkerSpec", "load", "main", "open_in_root", "serve"]
 
 READY_FD_ENV = "MAGIKRUN_READY_FD"
 _CATCH = frozenset(
@@ -185,28 +194,40 @@ def _error_line(exc: BaseException) -> bytes:
     return json.dumps({"error": type(exc).__name__, "message": message, "hint": hint}).encode()
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
-    """Prepare the module, report readiness, wait for start, run, exit with its code."""
-    args = sys.argv if argv is None else argv
-    if len(args) != 2 or READY_FD_ENV not in os.environ:
-        sys.exit(f"usage: {READY_FD_ENV}=FD python -m magikrun.runtime._wasm_worker SPEC_FILE")
+def load(spec: WorkerSpec) -> tuple[WasmEngine, CompiledModule]:
+    """Open the module inside the rootfs and validate and compile it (or take it from the cache).
+
+    The engine compiles on the calling thread (no thread pool), so a process that
+    loaded a module can still be forked safely.
+    """
+    from ._wasm_engine import WasmEngine, WasmLimits
+
+    engine = WasmEngine(
+        cache_dir=Path(spec.cache_dir),
+        limits=WasmLimits(
+            fuel=spec.fuel, memory_pages=spec.memory_pages, module_size=spec.module_size
+        ),
+    )
+    module_fd = open_in_root(spec.rootfs, spec.module, max_size=spec.module_size)
+    try:
+        compiled = engine.load_fd(module_fd, name=spec.module, expected_digest=spec.digest)
+    finally:
+        os.close(module_fd)
+    return engine, compiled
+
+
+def serve(setup: Callable[[], tuple[WorkerSpec, WasmEngine, CompiledModule]]) -> NoReturn:
+    """Be the container process: set up, report readiness, wait for start, run, exit.
+
+    ``setup`` gives the spec and the loaded module; what it raises is reported as
+    the create failure on ``$MAGIKRUN_READY_FD``.
+    """
     signals = _Signals()
     ready_fd = int(os.environ.pop(READY_FD_ENV))
     try:
-        spec = WorkerSpec.from_json(Path(args[1]).read_text())
-        from ._wasm_engine import Preopen, WasiSpec, WasmEngine, WasmLimits
+        spec, engine, compiled = setup()
+        from ._wasm_engine import Preopen, WasiSpec
 
-        engine = WasmEngine(
-            cache_dir=Path(spec.cache_dir),
-            limits=WasmLimits(
-                fuel=spec.fuel, memory_pages=spec.memory_pages, module_size=spec.module_size
-            ),
-        )
-        module_fd = open_in_root(spec.rootfs, spec.module, max_size=spec.module_size)
-        try:
-            compiled = engine.load_fd(module_fd, name=spec.module, expected_digest=spec.digest)
-        finally:
-            os.close(module_fd)
         prepared = engine.prepare(
             compiled,
             WasiSpec(
@@ -231,6 +252,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if result.message:
         os.write(2, f"magikrun: {result.message}\n".encode())
     os._exit(result.exit_code)
+
+
+def _setup_from_file(path: str) -> tuple[WorkerSpec, WasmEngine, CompiledModule]:
+    spec = WorkerSpec.from_json(Path(path).read_text())
+    return (spec, *load(spec))
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The exec'd worker: ``python -I -m magikrun.runtime._wasm_worker SPEC_FILE``."""
+    args = sys.argv if argv is None else argv
+    if len(args) != 2 or READY_FD_ENV not in os.environ:
+        sys.exit(f"usage: {READY_FD_ENV}=FD python -m magikrun.runtime._wasm_worker SPEC_FILE")
+    serve(lambda: _setup_from_file(args[1]))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,15 @@ so file bind mounts are not visible to the module.
 
 Each container is a worker process (:mod:`._wasm_worker`) owned by the same
 per-container monitor native containers have, which writes its CRI log and exit
-code. The worker compiles the module at create, so a bad module fails there, and
-runs it at start. Limits come from the runtime's arguments, overridable per
+code. ``create`` validates and compiles the module in the calling process (or
+takes it from the cache), so a bad module fails there, before any state exists.
+When the caller is single-threaded (:func:`magikrun._process.forkable`) the
+monitor is a fork of it and the worker a fork of the monitor that runs the
+module already loaded — a few milliseconds from create to exit; otherwise the
+monitor and worker are fresh interpreters (hundreds of milliseconds), and
+``WasmtimeRuntime.forked`` counts which way each create went.
+
+Limits come from the runtime's arguments, overridable per
 bundle with the annotations ``io.magikrun.wasm.fuel`` and
 ``io.magikrun.wasm.memory-pages``; a bundle's ``io.magikrun.wasm.module.digest``
 (BundleBuilder writes it) must match the module, or create fails.
@@ -46,11 +53,11 @@ from ..platform import (
     MAX_WASM_MODULE_SIZE,
     Paths,
 )
-from ._crun import _write_pid_file, load_bundle_config, rootfs_of
+from ._crun import load_bundle_config, rootfs_of
 from ._monitor import MonitorSpec
-from ._store import ContainerStore, process_start_time, validate_container_id
+from ._store import ContainerStore, process_start_time, validate_container_id, write_pid_file
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
-from ._wasm_worker import WorkerSpec, open_in_root
+from ._wasm_worker import WorkerSpec, load, open_in_root, serve
 
 __all__ = ["DIGEST_ANNOTATION", "FUEL_ANNOTATION", "MEMORY_PAGES_ANNOTATION", "WasmtimeRuntime"]
 
@@ -155,6 +162,10 @@ class WasmtimeRuntime:
         self.fuel = fuel
         self.memory_pages = memory_pages
         self.module_size = module_size
+        self.forked = 0
+        """How many creates started their worker by forking this process (the fast way)."""
+        self.spawned = 0
+        """How many had to start fresh interpreters because this process had other threads."""
 
     @property
     def cache_dir(self) -> Path:
@@ -237,6 +248,12 @@ class WasmtimeRuntime:
             )
         spec = load_bundle_config(bundle_path)
         worker = self._worker_spec(bundle_path, spec, self.store.directory(id))
+        try:
+            engine, compiled = load(worker)
+        except MagikrunError as exc:
+            raise CreateFailed(
+                f"cannot create wasm container {id!r}: {exc.message}", hint=exc.hint, id=id
+            ) from exc
         record = self.store.reserve(
             id, backend=self.name, bundle=bundle_path, annotations=spec.get("annotations", {})
         )
@@ -248,7 +265,6 @@ class WasmtimeRuntime:
             with os.fdopen(fd, "w") as out:
                 out.write(worker.to_json())
             os.mkfifo(worker.exec_fifo, 0o600)
-            self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             report = await _process.start_monitor(
                 MonitorSpec(
                     argv=[
@@ -265,7 +281,12 @@ class WasmtimeRuntime:
                     env={},
                 ),
                 timeout=CONTAINER_START_TIMEOUT,
+                child=lambda: serve(lambda: (worker, engine, compiled)),
             )
+            if report.forked:
+                self.forked += 1
+            else:
+                self.spawned += 1
             if not report.ok:
                 raise _create_failed(id, report)
             assert report.pid is not None
@@ -278,7 +299,7 @@ class WasmtimeRuntime:
                 monitor_start=process_start_time(report.monitor_pid),
             )
             if pid_file is not None:
-                _write_pid_file(Path(pid_file), report.pid)
+                write_pid_file(Path(pid_file), report.pid)
         except BaseException as exc:
             await self._undo_create(id, report, exc)
             raise
