@@ -150,12 +150,17 @@ def main() -> None:
         if args.microvm:
             variants["bare, microvm instead of q35"] = (micro, kernel.vmlinux, initramfs_for(micro))
         for name, (variant, image, rd) in variants.items():
-            times = [bare_boot(variant, accel, image, rd, work) for _ in range(args.variant_runs)]
+            times: list[float | None] = []
+            paired: list[float | None] = []
+            for _ in range(args.variant_runs):  # each paired with a default bare boot
+                times.append(bare_boot(variant, accel, image, rd, work))
+                paired.append(bare_boot(config, accel, kernel.vmlinux, bare_rd, work))
             done = [t for t in times if t is not None]
+            base = statistics.median(t for t in paired if t is not None)
             median = f"{statistics.median(done):6.2f} s" if done else "   -    "
             print(
                 f"{name:34s} median {median}  over {len(times)} ({times.count(None)} hung)"
-                f"  (default bare {median_bare:.2f} s)"
+                f"  vs default bare {base:.2f} s in the same runs"
             )
         print(f"default kernel flags: {' '.join(DEFAULT_CMDLINE)}")
 
