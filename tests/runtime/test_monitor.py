@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import textwrap
@@ -96,3 +97,29 @@ async def test_monitor_started_without_fork_when_threads_run(short_tmp: Path):
     await _finish(report)
     assert _records(short_tmp)[0][3] == "from exec path"
     assert os.path.exists(short_tmp / EXIT_FILE)
+
+
+async def test_failed_ready_line_ends_process_and_monitor(short_tmp: Path):
+    token = f"never-ready-{os.getpid()}-{id(short_tmp)}"
+    code = (
+        "import os, time; "
+        "os.write(int(os.environ['MAGIKRUN_READY_FD']), b'cannot link\\n'); "
+        f"time.sleep(1000)  # {token}"
+    )
+    spec = MonitorSpec(argv=[sys.executable, "-c", code], directory=str(short_tmp), ready="fd")
+    report = await _process.start_monitor(spec)
+    assert (report.ok, report.reason) == (False, "cannot link")
+    # The monitor kills the process that never became ready and ends, recording no exit.
+    await asyncio.wait_for(_process.wait_exit(report.monitor_pid), 60)
+    assert not (short_tmp / EXIT_FILE).exists()
+    assert not [
+        pid for pid in os.listdir("/proc") if pid.isdigit() and token.encode() in _cmdline(pid)
+    ]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
