@@ -175,7 +175,7 @@ class NativePodRuntime(PodRuntimeBase):
                 await self._rebuild_for_ip(
                     spec,
                     pod,
-                    c_images=images,
+                    images=images,
                     ip=ip,
                     directory=directory,
                     netns=netns,
@@ -321,7 +321,7 @@ class NativePodRuntime(PodRuntimeBase):
         spec: PodSpec,
         pod: str,
         *,
-        c_images: dict[str, Image],
+        images: dict[str, Image],
         ip: str,
         directory: Path,
         netns: Path,
@@ -337,7 +337,7 @@ class NativePodRuntime(PodRuntimeBase):
             assert rootfs is not None
             await asyncio.to_thread(
                 self.builder.build_oci_bundle,
-                c_images[c.image],
+                images[c.image],
                 config,
                 rootfs.path,
                 self.paths.bundles / cid,
