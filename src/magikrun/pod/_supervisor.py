@@ -34,7 +34,8 @@ def _should_restart(policy: RestartPolicy, code: int | None) -> bool:
 
 
 async def supervise(paths: Paths, pod_id: str, backoff: float, stopping: asyncio.Event) -> None:
-    """Restart the pod's app containers by its policy until ``stopping`` is set."""
+    """Restart the pod's app containers by its policy until ``stopping`` is set (or the
+    pod's directory is gone: nothing is left to supervise)."""
     record = PodStore(paths).get(pod_id)
     spec = record.spec
     store = ContainerStore(paths)
@@ -44,7 +45,7 @@ async def supervise(paths: Paths, pod_id: str, backoff: float, stopping: asyncio
     counts: dict[str, int] = {}
     due: dict[str, float] = {}
     loop = asyncio.get_running_loop()
-    while not stopping.is_set():
+    while not stopping.is_set() and directory.is_dir():
         for container in spec.containers:
             cid = container_id(pod_id, container.name)
             try:
