@@ -1,12 +1,15 @@
 """Every package's ``__all__`` is sorted and names exactly its public attributes (STYLE H2).
 
 Packages are discovered by walking ``magikrun``, so new packages and names are checked
-without editing this file.
+without editing this file. Packages export lazily (``magikrun._lazy``): attributes are
+looked up through ``dir()``, and the imports a type checker sees must give the same objects.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 import pkgutil
 import types
 
@@ -24,13 +27,32 @@ def _packages() -> list[str]:
 
 
 def _public_attributes(package: types.ModuleType) -> set[str]:
-    return {
-        name
-        for name, value in vars(package).items()
-        if not name.startswith("_")
-        and not isinstance(value, types.ModuleType)
-        and type(value).__module__ != "__future__"  # from __future__ import annotations
-    }
+    public = set()
+    for name in dir(package):
+        if name.startswith("_"):
+            continue
+        value = getattr(package, name)
+        if not isinstance(value, types.ModuleType) and type(value).__module__ != "__future__":
+            public.add(name)  # (from __future__ import annotations binds a _Feature)
+    return public
+
+
+def _declared(package: types.ModuleType) -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """What the package's ``__init__`` declares: the names bound under
+    ``if typing.TYPE_CHECKING:`` (name -> (module, attribute)) and the names it hands to
+    ``_lazy.attach``."""
+    typed, lazy = {}, set()
+    for node in ast.parse(inspect.getsource(package)).body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "typing.TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom), ast.unparse(stmt)
+                module = "." * stmt.level + (stmt.module or "")
+                for alias in stmt.names:
+                    typed[alias.asname or alias.name] = (module, alias.name)
+        elif isinstance(node, ast.Assign) and "_lazy.attach(" in ast.unparse(node.value):
+            exports = ast.literal_eval(node.value.args[1])  # type: ignore[attr-defined]
+            lazy.update(n for names in exports.values() for n in names)
+    return typed, lazy
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -57,3 +79,13 @@ def test_all_is_sorted_and_exact(name: str) -> None:
     listed = {n for n in exported if not n.startswith("_")}
     assert public - listed == set(), f"{name} has public names outside __all__"
     assert listed - public == set(), f"{name}.__all__ lists non-public names"
+
+
+@pytest.mark.parametrize("name", _packages())
+def test_lazy_names_match_what_type_checkers_see(name: str) -> None:
+    package = importlib.import_module(name)
+    typed, lazy = _declared(package)
+    assert lazy == set(typed), f"{name}: lazy and TYPE_CHECKING names differ: {lazy ^ set(typed)}"
+    for attribute, (module, original) in typed.items():
+        expected = getattr(importlib.import_module(module, name), original)
+        assert getattr(package, attribute) is expected, f"{name}.{attribute}"
