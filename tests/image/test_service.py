@@ -162,14 +162,19 @@ async def test_pull_policies_and_unknown_images(paths: Paths, registry: Registry
 
 @pytest.fixture
 def count_fills(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Count how often each snapshot is really filled (extracted), in this process."""
+    """Count how often each snapshot is really filled (extracted), in this process.
+
+    An attempt that stops early because a lower layer is not unpacked yet (see
+    ``unpack_layers``) leaves nothing and is retried; only completed fills count.
+    """
     fills: Counter[str] = Counter()
     real = SnapshotStore.extract
 
     async def counting(self: SnapshotStore, diff_id: str, fill: Callable[[int], object]) -> Path:
         def counted(fd: int) -> object:
+            result = fill(fd)
             fills[diff_id] += 1
-            return fill(fd)
+            return result
 
         return await real(self, diff_id, counted)
 

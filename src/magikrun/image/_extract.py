@@ -869,9 +869,15 @@ async def unpack_layers(
     async def one(index: int, lower_paths: Sequence[Path]) -> None:
         layer = layers[index]
         existed = snapshots.has(layer.diff_id)
-        await _unpack(snapshots, layer, lambda: open_blob(layer), lower_paths, budget, privileged)
-        if not existed and created is not None:
-            created.append(layer.diff_id)
+        try:
+            await _unpack(
+                snapshots, layer, lambda: open_blob(layer), lower_paths, budget, privileged
+            )
+        finally:
+            # Also when cancelled because another layer failed: the thread may have
+            # committed the snapshot before the cancellation reached this task.
+            if not existed and created is not None and snapshots.has(layer.diff_id):
+                created.append(layer.diff_id)
 
     postponed: list[int] = []
 

@@ -10,7 +10,6 @@ freed only when no index entry references them (``remove``, ``gc``).
 from __future__ import annotations
 
 import builtins
-import functools
 import json
 import os
 import time
@@ -36,7 +35,7 @@ from ..storage import (
     SnapshotStore,
     validate_digest,
 )
-from ._extract import ExtractBudget, unpack_layer
+from ._extract import ExtractBudget, unpack_layers
 from ._import import stage_archive
 from ._mediatypes import ARCHIVE_LAYERS
 from ._model import Image, ImageConfig, Layer, PlatformSpec
@@ -203,24 +202,15 @@ class ImageService:
         return [item.image for item in staged]
 
     async def _unpack(self, image: Image, created: builtins.list[str] | None = None) -> None:
-        """Unpack the image's archive layers bottom-up, adding the snapshots it creates to
-        ``created`` as it goes (so a caller can undo them after a failure)."""
-        budget = ExtractBudget()
-        below: builtins.list[str] = []
-        for layer in image.layers:
-            if layer.media_type not in ARCHIVE_LAYERS:
-                continue
-            if not self.snapshots.has(layer.diff_id):
-                await unpack_layer(
-                    self.snapshots,
-                    layer,
-                    functools.partial(self.content.open, layer.digest),
-                    lowers=below[::-1],
-                    budget=budget,
-                )
-                if created is not None:
-                    created.append(layer.diff_id)
-            below.append(layer.diff_id)
+        """Unpack the image's archive layers (in parallel), adding the snapshots it creates
+        to ``created`` as each commits (so a caller can undo them after a failure)."""
+        await unpack_layers(
+            self.snapshots,
+            [layer for layer in image.layers if layer.media_type in ARCHIVE_LAYERS],
+            lambda layer: self.content.open(layer.digest),
+            budget=ExtractBudget(),
+            created=created,
+        )
 
     def _record(self, image: Image, blobs: Iterable[str]) -> None:
         size = 0
