@@ -151,3 +151,5 @@ RESTART_BACKOFF_BASE = 1.0
 """Seconds before a pod's supervisor restarts a container the first time (doubling after)."""
 RESTART_BACKOFF_CAP = 10.0
 """The longest wait between restarts of one container."""
+WASM_CACHE_MAX_AGE = 30 * 24 * 3600.0
+"""Seconds a compiled wasm module may go unused before ``sweep_module_cache`` removes it."""
