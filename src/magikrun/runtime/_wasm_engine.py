@@ -18,8 +18,9 @@ How a run ends, and the exit code it gives::
 
 Compiled modules are cached in ``cache_dir`` under the module's sha256 and a key of
 the engine settings and wasmtime version, since wasmtime rejects a serialized
-module made by other settings. The cache directory must be magikrun's own:
-deserializing runs native code from it.
+module made by other settings; a hit refreshes the file's mtime, which is what
+:func:`~magikrun.runtime._wasm_cache.sweep_module_cache` ages by. The cache
+directory must be magikrun's own: deserializing runs native code from it.
 
 Example::
 
@@ -52,6 +53,7 @@ from ..errors import (
     MagikrunError,
 )
 from ..platform._limits import DEFAULT_WASM_FUEL, MAX_WASM_MEMORY_PAGES, MAX_WASM_MODULE_SIZE
+from ._wasm_cache import CACHE_SUFFIX, TEMP_PREFIX
 
 __all__ = [
     "EXIT_MEMORY_LIMIT",
@@ -74,7 +76,6 @@ EXIT_OUT_OF_FUEL = 128 + signal.SIGXCPU
 EXIT_MEMORY_LIMIT = 128 + signal.SIGKILL
 _WASI_MODULE = "wasi_snapshot_preview1"
 _COMPONENT_PREAMBLE = b"\0asm\x0d\x00\x01\x00"
-_CACHE_SUFFIX = ".cwasm"
 
 
 class WasmStop(enum.StrEnum):
@@ -423,7 +424,7 @@ class WasmEngine:
     def _cache_path(self, hexdigest: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        return self.cache_dir / f"{hexdigest}-{self._cache_key}{_CACHE_SUFFIX}"
+        return self.cache_dir / f"{hexdigest}-{self._cache_key}{CACHE_SUFFIX}"
 
     def _from_cache(self, path: Path) -> wasmtime.Module | None:
         """The cached module, read into memory: ``deserialize_file`` would keep the file
@@ -434,10 +435,13 @@ class WasmEngine:
         except FileNotFoundError:
             return None
         try:
-            return wasmtime.Module.deserialize(self._engine, data)
+            module = wasmtime.Module.deserialize(self._engine, data)
         except wasmtime.WasmtimeError:
             # Corrupt or from another wasmtime build: compiling again replaces it.
             return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)  # used now: keeps it from sweep_module_cache
+        return module
 
     def _store(self, path: Path, module: wasmtime.Module) -> None:
         """Write the compiled module next to its final name, then rename it into place."""
@@ -450,7 +454,7 @@ class WasmEngine:
         import tempfile  # only on a cache miss: keeps the worker's start-up lean
 
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_CACHE_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=CACHE_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
