@@ -2,8 +2,10 @@
 
 Prints medians over RUNS runs (default 30) of:
 
-* magikrun's Python API: create (monitor + worker start, module from the cache),
-  start to exit, and create to exit, through ``WasmtimeRuntime``; and ``magikrun run``;
+* magikrun's Python API: create (module from the cache, monitor and worker forked
+  from the caller), start to exit, and create to exit, through ``WasmtimeRuntime``;
+  the same from a caller with a second thread alive, which cannot fork and starts
+  fresh interpreters instead; and ``magikrun run``;
 * the peer measured in the same run: a fresh ``python -I`` that imports wasmtime,
   deserializes the same compiled module and runs it (the least a separate wasmtime-py
   process can cost), and the parts a worker pays before it runs anything.
@@ -19,9 +21,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import wasmtime
 
@@ -29,6 +33,7 @@ from magikrun.platform import Paths
 from magikrun.runtime._wasm_engine import WasiSpec, WasmEngine
 from magikrun.runtime._wasmtime import WasmtimeRuntime
 
+T = TypeVar("T")
 HELLO_WAT = Path(__file__).resolve().parent.parent / "tests" / "runtime" / "wasm" / "hello.wat"
 
 BARE = """
@@ -68,13 +73,15 @@ def python(*args: str) -> Callable[[], object]:
     return lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
 
-async def magikrun_runs(root: Path, bundle: Path, runs: int) -> dict[str, list[float]]:
+async def magikrun_runs(
+    root: Path, bundle: Path, runs: int, prefix: str
+) -> tuple[dict[str, list[float]], WasmtimeRuntime]:
     runtime = WasmtimeRuntime(Paths.resolve(root).ensure())
-    await runtime.create("warmup", bundle)  # fills the module cache
-    await runtime.delete("warmup", force=True)
+    await runtime.create(f"{prefix}-warmup", bundle)  # fills the module cache
+    await runtime.delete(f"{prefix}-warmup", force=True)
     phases: dict[str, list[float]] = {"create": [], "start to exit": [], "create to exit": []}
     for i in range(runs):
-        id = f"hello-{i}"
+        id = f"{prefix}-{i}"
         t0 = time.perf_counter()
         await runtime.create(id, bundle)
         t1 = time.perf_counter()
@@ -86,7 +93,19 @@ async def magikrun_runs(root: Path, bundle: Path, runs: int) -> dict[str, list[f
         phases["create"].append(t1 - t0)
         phases["start to exit"].append(t2 - t1)
         phases["create to exit"].append(t2 - t0)
-    return phases
+    return phases, runtime
+
+
+def with_a_thread(work: Callable[[], T]) -> T:
+    """Run ``work`` while another thread is alive, as in a caller using a thread pool."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        return work()
+    finally:
+        stop.set()
+        thread.join()
 
 
 def main() -> None:
@@ -101,7 +120,11 @@ def main() -> None:
             '{"ociVersion": "1.0.2", "root": {"path": "rootfs"},'
             ' "process": {"args": ["/hello.wasm"], "cwd": "/", "env": []}}'
         )
-        phases = asyncio.run(magikrun_runs(base / "root", bundle, runs))
+        phases, forked = asyncio.run(magikrun_runs(base / "root", bundle, runs, "fork"))
+        threaded, spawned = with_a_thread(
+            lambda: asyncio.run(magikrun_runs(base / "root", bundle, runs, "exec"))
+        )
+        assert forked.spawned == 0 and spawned.forked == 0, "fork/exec choice not as expected"
 
         engine = WasmEngine(cache_dir=base / "root" / "cache" / "wasm")
         compiled = engine.load_bytes(wasm, name="hello.wasm")
@@ -137,9 +160,11 @@ def main() -> None:
 
     total = statistics.median(phases["create to exit"])
     print(f"wasm hello-world, warm module cache, medians of {runs} runs")
-    print("magikrun (Python API, WasmtimeRuntime):")
+    print("magikrun (Python API, WasmtimeRuntime), single-threaded caller (fork path):")
     for name, samples in phases.items():
         print(f"  {name:<52}{ms(samples)}")
+    print("magikrun (Python API), caller with another thread (exec path):")
+    print(f"  {'create to exit':<52}{ms(threaded['create to exit'])}")
     print(f"  {'magikrun run (CLI, foreground, incl. interpreter)':<52}{ms(cli)}")
     print("peer: fresh python -I + wasmtime-py running the cached module:")
     print(f"  {'create to exit':<52}{ms(bare)}")
