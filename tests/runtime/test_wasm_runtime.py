@@ -268,9 +268,11 @@ async def test_second_create_uses_the_compiled_module_cache(
     before = cached.stat()
     await runtime.create("second", make_bundle("hello"))
     after = cached.stat()
-    # Not compiled again: the one cache file was neither rewritten nor replaced.
+    # Not compiled again: the one cache file was not replaced (a compile writes a
+    # new file and renames it into place); the hit only refreshed its mtime.
     assert [p.name for p in runtime.cache_dir.iterdir()] == [cached.name]
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert after.st_ino == before.st_ino
+    assert after.st_mtime_ns >= before.st_mtime_ns
     await runtime.start("second")
     assert await runtime.wait("second") == 0
     await runtime.delete("first", force=True)
