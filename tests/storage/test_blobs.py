@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 
 import pytest
 
@@ -66,6 +67,7 @@ async def test_ingest_commits_only_verified_content(paths: Paths) -> None:
             writer.commit()
     assert not store.has(want)
     assert store.ingest_offset(want) == 0
+    assert os.listdir(paths.ingest) == []  # no empty ingest file left behind
 
 
 async def test_ingest_refuses_growth_past_announced_size(paths: Paths) -> None:
@@ -75,6 +77,7 @@ async def test_ingest_refuses_growth_past_announced_size(paths: Paths) -> None:
         assert writer is not None
         with pytest.raises(DigestMismatch, match="larger than its announced 3 bytes"):
             writer.write(b"abcd")
+    assert os.listdir(paths.ingest) == []
     with pytest.raises(ImageTooLarge, match="over the 2-byte limit"):
         async with store.ingest(want, size=3, max_size=2):
             pass

@@ -223,15 +223,18 @@ class ContentStore:
                 yield None
                 return
             self._ingest.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._ingest_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            path = self._ingest_path(digest)
+            fd = await _open_locked(path)
             try:
-                await _flock(fd)
                 if self.has(digest):
                     yield None
                     return
                 yield BlobWriter(self, digest, fd, size, max_size)
             finally:
-                os.close(fd)
+                try:
+                    _drop_if_empty(fd, path)
+                finally:
+                    os.close(fd)
 
     def ingest_offset(self, digest: str) -> int:
         """Bytes of an interrupted download of ``digest`` kept for resuming."""
@@ -276,3 +279,32 @@ async def _flock(fd: int) -> None:
             return
         except BlockingIOError:
             await asyncio.sleep(0.02)
+
+
+async def _open_locked(path: Path) -> int:
+    """Open and lock the ingest file at ``path``. Retried when, while we waited for the
+    lock, its holder committed or dropped that file (we would hold an orphan inode)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            await _flock(fd)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _drop_if_empty(fd: int, path: Path) -> None:
+    """Remove an ingest file with nothing to resume (a failed commit resets it to empty;
+    or nothing came). We hold its lock, so no one else is writing it."""
+    if os.fstat(fd).st_size == 0 and _same_file(fd, path):
+        os.unlink(path)
