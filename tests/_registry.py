@@ -300,31 +300,36 @@ class HttpTap:
         return f"{self.host}:{self.port}"
 
     async def __aenter__(self) -> HttpTap:
-        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
-        for task in self._handlers:
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
         await self._server.wait_closed()
+        await asyncio.sleep(0)  # connections accepted just before close reach _accept
+        while self._handlers:  # each handler closes its socket before it leaves the set
+            for task in self._handlers:
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
 
     def gets(self, suffix: str) -> list[Seen]:
         return [r for r in self.requests if r.method == "GET" and r.path.endswith(suffix)]
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Track the connection's handler from the moment it exists, so __aexit__ can end
+        it (a handler that registered itself once running could be missed)."""
+        task = asyncio.get_running_loop().create_task(self._handle(reader, writer))
         self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
