@@ -19,7 +19,14 @@ from magikrun.errors import (
     PathTraversal,
 )
 from magikrun.image import ImageService, LayerEntry, LayoutWriter, PlatformSpec, build_layer
-from magikrun.image._mediatypes import OCI_INDEX, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
+from magikrun.image._mediatypes import (
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_MANIFEST,
+    WASM_CONFIG,
+    WASM_LAYER,
+)
 from magikrun.platform import Paths
 from magikrun.storage import sha256_digest
 
@@ -347,3 +354,37 @@ async def test_hostile_layer_undoes_the_whole_import(paths: Paths, short_tmp: Pa
     _assert_nothing_stored(paths, service)
     assert not (paths.snapshots / "escape").exists()
     assert os.listdir(paths.snapshots / "tmp") == []
+
+
+async def test_wasm_artifact_with_empty_config_gets_the_wasm_platform(
+    paths: Paths, short_tmp: Path
+) -> None:
+    module = b"\0asm\x01\0\0\0"
+    writer = LayoutWriter(short_tmp / "layout")
+    writer.add_image(
+        ref_name="example.local/empty-config:1",
+        config={},
+        config_media_type=WASM_CONFIG,
+        layers=[(WASM_LAYER, module)],
+    )
+    writer.write_index()
+    service = ImageService(paths)
+    (image,) = await service.import_(short_tmp / "layout")
+    assert image.kind == "wasm"
+    assert image.platform == PlatformSpec("wasip1", "wasm")
+    assert [layer.digest for layer in image.layers] == [sha256_digest(module)]
+
+
+async def test_container_image_without_a_platform_is_refused(paths: Paths, short_tmp: Path) -> None:
+    blob, diff_id = _layer("etc/x", b"x")
+    writer = LayoutWriter(short_tmp / "layout")
+    writer.add_image(
+        ref_name="example.local/no-platform:1",
+        config={"rootfs": {"type": "layers", "diff_ids": [diff_id]}},
+        layers=[(OCI_LAYER_GZIP, blob)],
+    )
+    writer.write_index()
+    service = ImageService(paths)
+    with pytest.raises(ManifestInvalid, match="lacks os/architecture"):
+        await service.import_(short_tmp / "layout")
+    _assert_nothing_stored(paths, service)

@@ -8,12 +8,14 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ..image import Image, ImageService, build_demo_images
-from ..image._registry import ProgressEvent
+
+if TYPE_CHECKING:
+    from ..image import ProgressEvent
 from ._main import Context
 
 __all__ = ["image"]

@@ -30,11 +30,11 @@ if typing.TYPE_CHECKING:
     from ._model import ImageConfig as ImageConfig
     from ._model import Layer as Layer
     from ._model import PlatformSpec as PlatformSpec
+    from ._model import ProgressCallback as ProgressCallback
+    from ._model import ProgressEvent as ProgressEvent
     from ._pull import pull as pull
     from ._reference import Reference as Reference
     from ._registry import FetchedManifest as FetchedManifest
-    from ._registry import ProgressCallback as ProgressCallback
-    from ._registry import ProgressEvent as ProgressEvent
     from ._registry import RegistryClient as RegistryClient
     from ._service import GcResult as GcResult
     from ._service import ImageService as ImageService
@@ -120,13 +120,13 @@ __getattr__, __dir__ = _lazy.attach(
             "ImageConfig",
             "Layer",
             "PlatformSpec",
+            "ProgressCallback",
+            "ProgressEvent",
         ),
         "._pull": ("pull",),
         "._reference": ("Reference",),
         "._registry": (
             "FetchedManifest",
-            "ProgressCallback",
-            "ProgressEvent",
             "RegistryClient",
         ),
         "._service": (

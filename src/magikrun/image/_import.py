@@ -47,6 +47,7 @@ from ._layout import (
     read_json,
     read_limited,
     safe_name,
+    select_platform,
 )
 from ._mediatypes import (
     INDEX_TYPES,
@@ -59,7 +60,6 @@ from ._mediatypes import (
     WASM_LAYER,
 )
 from ._model import Descriptor, Image, PlatformSpec
-from ._pull import select_platform
 from ._reference import Reference
 
 __all__ = ["ImportedImage", "stage_archive"]

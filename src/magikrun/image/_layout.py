@@ -67,6 +67,8 @@ __all__ = [
     "parse_descriptor",
     "parse_index",
     "parse_manifest",
+    "platform_key",
+    "select_platform",
 ]
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -75,6 +77,8 @@ LAYOUT_VERSION = "1.0.0"
 FIXED_MTIME = 946_684_800
 """2000-01-01T00:00:00Z: the mtime of every entry magikrun writes, so digests are stable."""
 _MAX_NAME = 4096
+WASM_PLATFORM = PlatformSpec("wasip1", "wasm")
+"""The platform of a wasm artifact whose config names none."""
 _CHUNK = 1 << 20
 
 
@@ -456,16 +460,20 @@ def build_image(
         )
         for d in manifest.layers
     )
+    is_wasm = manifest.config.media_type == WASM_CONFIG or any(
+        layer.media_type == WASM_LAYER for layer in layers
+    )
     os_name, arch = doc.get("os"), doc.get("architecture")
     variant = doc.get("variant")
+    if is_wasm and os_name is None and arch is None:
+        # A wasm artifact's config may be ``{}`` (the wasm config media type asks for no
+        # platform): its module runs on any host, under WASI preview 1.
+        os_name, arch = WASM_PLATFORM.os, WASM_PLATFORM.architecture
     _require(
         isinstance(os_name, str) and isinstance(arch, str), "image config lacks os/architecture"
     )
     platform = PlatformSpec(
         os_name, arch, variant if isinstance(variant, str) and variant else None
-    )
-    is_wasm = manifest.config.media_type == WASM_CONFIG or any(
-        layer.media_type == WASM_LAYER for layer in layers
     )
     created = doc.get("created")
     annotations: dict[str, Any] = dict(manifest.annotations)
@@ -604,3 +612,47 @@ def copy_stream(src: IO[bytes], write: Callable[[bytes], object], limit: int) ->
         if total > limit:
             break
     return total
+
+
+_WASM_OSES = frozenset({"wasi", "wasip1", "wasip2"})
+
+
+def platform_key(p: PlatformSpec) -> tuple[str, str, str | None]:
+    """What platforms are compared by: (os, architecture, variant), with the variants that
+    are implied filled in (containerd's rules: arm64 is v8, arm is v7)."""
+    variant = p.variant
+    if p.architecture == "arm64" and variant is None:
+        variant = "v8"
+    elif p.architecture == "arm" and variant is None:
+        variant = "v7"
+    elif p.architecture == "amd64" and variant == "v1":
+        variant = None
+    return p.os, p.architecture, variant
+
+
+def select_platform(
+    manifests: list[Descriptor], wanted: PlatformSpec, *, explicit: bool, reference: str
+) -> Descriptor:
+    """The index entry for ``wanted`` (os/architecture/variant).
+
+    Without an explicit choice, an index with no entry for the host but one for
+    WebAssembly yields that one: a wasm module runs on any host.
+    """
+    candidates = [m for m in manifests if m.platform is not None and m.media_type in MANIFEST_TYPES]
+    key = platform_key(wanted)
+    for m in candidates:
+        assert m.platform is not None
+        if platform_key(m.platform) == key:
+            return m
+    if not explicit:
+        for m in candidates:
+            assert m.platform is not None
+            if m.platform.os in _WASM_OSES or m.platform.architecture == "wasm":
+                return m
+    available = ", ".join(sorted({str(m.platform) for m in candidates})) or "none"
+    raise ImageNotFound(
+        f"image {reference} has no manifest for {wanted}; available platforms: {available}",
+        hint="choose one of the available platforms with --platform OS/ARCH[/VARIANT]",
+        reference=reference,
+        platform=str(wanted),
+    )

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import platform as _stdlib_platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import InvalidArgument
 
-__all__ = ["Descriptor", "Image", "ImageConfig", "Layer", "PlatformSpec"]
+__all__ = [
+    "Descriptor",
+    "Image",
+    "ImageConfig",
+    "Layer",
+    "PlatformSpec",
+    "ProgressCallback",
+    "ProgressEvent",
+]
 
 _ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 
@@ -98,3 +107,16 @@ class Image:
     @property
     def size(self) -> int:
         return sum(layer.size for layer in self.layers)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """Progress of one blob: ``done`` of ``total`` bytes; ``finished`` once stored."""
+
+    digest: str
+    total: int
+    done: int
+    finished: bool
+
+
+ProgressCallback = Callable[[ProgressEvent], None]

@@ -30,15 +30,13 @@ from ..platform import (
     MAX_WASM_MODULE_SIZE,
 )
 from ..storage import ContentStore
-from ._layout import build_image, parse_index, parse_manifest
+from ._layout import build_image, parse_index, parse_manifest, platform_key, select_platform
 from ._mediatypes import INDEX_TYPES, MANIFEST_TYPES, WASM_LAYER
-from ._model import Descriptor, Image, PlatformSpec
+from ._model import Descriptor, Image, PlatformSpec, ProgressCallback
 from ._reference import Reference
-from ._registry import FetchedManifest, ProgressCallback, RegistryClient
+from ._registry import FetchedManifest, RegistryClient
 
-__all__ = ["pull", "select_platform"]
-
-_WASM_OSES = frozenset({"wasi", "wasip1", "wasip2"})
+__all__ = ["pull"]
 
 _inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
@@ -52,46 +50,6 @@ def _blob_slots() -> asyncio.Semaphore:
     if slots is None:
         slots = _inflight[loop] = asyncio.Semaphore(MAX_INFLIGHT_BLOBS)
     return slots
-
-
-def _normalized(p: PlatformSpec) -> tuple[str, str, str | None]:
-    """Fill in the variants that are implied (containerd's rules: arm64 is v8, arm is v7)."""
-    variant = p.variant
-    if p.architecture == "arm64" and variant is None:
-        variant = "v8"
-    elif p.architecture == "arm" and variant is None:
-        variant = "v7"
-    elif p.architecture == "amd64" and variant == "v1":
-        variant = None
-    return p.os, p.architecture, variant
-
-
-def select_platform(
-    manifests: list[Descriptor], wanted: PlatformSpec, *, explicit: bool, reference: str
-) -> Descriptor:
-    """The index entry for ``wanted`` (os/architecture/variant).
-
-    Without an explicit choice, an index with no entry for the host but one for
-    WebAssembly yields that one: a wasm module runs on any host.
-    """
-    candidates = [m for m in manifests if m.platform is not None and m.media_type in MANIFEST_TYPES]
-    key = _normalized(wanted)
-    for m in candidates:
-        assert m.platform is not None
-        if _normalized(m.platform) == key:
-            return m
-    if not explicit:
-        for m in candidates:
-            assert m.platform is not None
-            if m.platform.os in _WASM_OSES or m.platform.architecture == "wasm":
-                return m
-    available = ", ".join(sorted({str(m.platform) for m in candidates})) or "none"
-    raise ImageNotFound(
-        f"image {reference} has no manifest for {wanted}; available platforms: {available}",
-        hint="choose one of the available platforms with --platform OS/ARCH[/VARIANT]",
-        reference=reference,
-        platform=str(wanted),
-    )
 
 
 def _is_index(fetched: FetchedManifest) -> bool:
@@ -225,7 +183,7 @@ async def _pull(
         raise first from first.__cause__
     config = store.read(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
     image = build_image(ref.normalized, fetched.digest, manifest, config)
-    if platform is not None and _normalized(image.platform)[:2] != _normalized(platform)[:2]:
+    if platform is not None and platform_key(image.platform)[:2] != platform_key(platform)[:2]:
         raise ImageNotFound(
             f"image {ref} is for {image.platform}, not {platform}",
             hint="pull it without --platform, or pick an image built for that platform",

@@ -36,7 +36,7 @@ from ..platform import MAX_MANIFEST_SIZE
 from ..storage import BlobWriter, ContentStore, sha256_digest, validate_digest
 from ._auth import Authenticator, Credentials, load_credentials
 from ._mediatypes import ACCEPT_MANIFESTS
-from ._model import Descriptor
+from ._model import Descriptor, ProgressCallback, ProgressEvent
 from ._reference import Reference, is_loopback_host
 
 __all__ = [
@@ -64,19 +64,6 @@ _FLUSH_BYTES = 1 << 20
 (they release the GIL) while the event loop keeps reading the network."""
 _NO_ENCODING = {"Accept-Encoding": "identity"}
 """Digests cover the bytes as stored; a compressed transfer would also hide the real size."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProgressEvent:
-    """Progress of one blob: ``done`` of ``total`` bytes; ``finished`` once stored."""
-
-    digest: str
-    total: int
-    done: int
-    finished: bool
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
 
 
 @dataclass(frozen=True, slots=True)

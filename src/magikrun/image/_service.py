@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from ..errors import (
     ImageError,
@@ -39,9 +39,10 @@ from ._extract import ExtractBudget, unpack_layers
 from ._import import stage_archive
 from ._mediatypes import ARCHIVE_LAYERS
 from ._model import Image, ImageConfig, Layer, PlatformSpec
-from ._pull import pull as registry_pull
 from ._reference import Reference
-from ._registry import ProgressCallback
+
+if TYPE_CHECKING:
+    from ._model import ProgressCallback
 
 __all__ = ["GcResult", "ImageService", "ImageSummary", "PullPolicy", "VerifyResult"]
 
@@ -155,6 +156,8 @@ class ImageService:
                     hint="pull it with policy IfNotPresent or Always, or import it",
                     reference=reference.normalized,
                 )
+        from ._pull import pull as registry_pull  # the registry client (httpx) only to pull
+
         async with self.metadata.lease():
             image = await registry_pull(
                 reference,
@@ -403,6 +406,8 @@ class ImageService:
             return VerifyResult(reference=record.reference, ok=tuple(ok))
         pinned = Reference.parse(record.reference)
         pinned = pinned.with_digest(record.manifest_digest)
+        from ._pull import pull as registry_pull
+
         try:
             async with self.metadata.lease():
                 await registry_pull(pinned, self.content, platform=image.platform)
