@@ -13,8 +13,6 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import yaml
-
 from ..errors import InvalidPodSpec, PodSpecTooLarge
 from ..platform._limits import (
     MAX_POD_SPEC_DEPTH,
@@ -25,8 +23,6 @@ from ..platform._limits import (
 )
 
 __all__ = ["Obj", "load_documents"]
-
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
@@ -44,8 +40,11 @@ def load_documents(data: bytes) -> list[tuple[int, dict[str, Any]]]:
             f"manifest is {len(data)} bytes, over the limit of {MAX_POD_SPEC_SIZE}",
             field="",
         )
+    import yaml  # PyYAML only where a manifest is parsed (not for ``pod ls``, say)
+
+    loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        loaded = list(yaml.load_all(bytes(data), Loader=_Loader))
+        loaded = list(yaml.load_all(bytes(data), Loader=loader))
     except yaml.YAMLError as exc:
         raise InvalidPodSpec(f"manifest is not valid YAML: {exc}", field="") from exc
     except RecursionError as exc:

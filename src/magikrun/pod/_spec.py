@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-import yaml
-
 from ..errors import InvalidPodSpec, PodSpecTooLarge
 from ..platform._limits import (
     MAX_CONTAINER_ID_LEN,
@@ -497,6 +495,8 @@ class PodSpec:
         documents: list[dict[str, Any]] = [self.to_dict()]
         documents += [_config_map_to_dict(c) for c in self.config_maps.values()]
         documents += [_secret_to_dict(s) for s in self.secrets.values()]
+        import yaml
+
         return yaml.safe_dump_all(documents, sort_keys=False).encode()
 
 
