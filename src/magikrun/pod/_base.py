@@ -300,11 +300,11 @@ class PodRuntimeBase:
         )
 
     def _load(self, cid: str) -> ContainerRecord | None:
-        """The container's record, None when it is gone (or being removed by the supervisor
-        restarting it: its directory can vanish while the record is refreshed)."""
+        """The container's record, None when it is gone (or removed meanwhile by the
+        supervisor restarting it)."""
         try:
             return self.containers.load(cid)
-        except (ContainerNotFound, FileNotFoundError):
+        except ContainerNotFound:
             return None
 
     def _container_info(

@@ -50,7 +50,7 @@ async def supervise(paths: Paths, pod_id: str, backoff: float, stopping: asyncio
             cid = container_id(pod_id, container.name)
             try:
                 state = store.load(cid)
-            except (ContainerNotFound, FileNotFoundError):
+            except ContainerNotFound:
                 continue
             if state.status is not ContainerStatus.STOPPED:
                 continue

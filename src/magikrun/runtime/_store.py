@@ -234,15 +234,22 @@ class ContainerStore:
             return record
         exited = read_exit(str(self.directory(record.id)))
         if exited is not None:
-            return self.update(
-                record, status=ContainerStatus.STOPPED, exit_code=int(exited["exitCode"])
-            )
+            return self._stopped(record, int(exited["exitCode"]))
         if not record.monitor_alive() and not _alive(record.pid, record.pid_start):
             # The monitor may have written its record between the two reads.
             exited = read_exit(str(self.directory(record.id)))
-            code = None if exited is None else int(exited["exitCode"])
-            return self.update(record, status=ContainerStatus.STOPPED, exit_code=code)
+            return self._stopped(record, None if exited is None else int(exited["exitCode"]))
         return record
+
+    def _stopped(self, record: ContainerRecord, exit_code: int | None) -> ContainerRecord:
+        """Save the record as stopped; `ContainerNotFound` if another process removed the
+        container meanwhile (its directory is gone, so there is nothing to save into)."""
+        try:
+            return self.update(record, status=ContainerStatus.STOPPED, exit_code=exit_code)
+        except FileNotFoundError:
+            raise ContainerNotFound(
+                f"container {record.id!r} was removed while its status was read", id=record.id
+            ) from None
 
     def guard(self, id: str, verb: str) -> ContainerRecord:
         """The refreshed record if ``verb`` is allowed now, else `InvalidState`."""
