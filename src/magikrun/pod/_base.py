@@ -291,7 +291,7 @@ class PodRuntimeBase:
             id=record.id,
             name=record.name,
             namespace=record.namespace,
-            runtime=cast(RuntimeName, self.name),
+            runtime=cast(RuntimeName, record.runtime),
             phase=phase,
             ip=record.ip,
             containers=(*infos, *apps),
