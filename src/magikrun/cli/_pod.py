@@ -63,36 +63,12 @@ def _ready(status: PodStatus) -> str:
     return f"{running}/{len(apps)}"
 
 
-def _runtimes(paths: Paths) -> list[PodRuntime]:
-    """Every pod runtime this magikrun has."""
-    from ..errors import RuntimeUnavailable
-    from ..pod import open_pod_runtime
-
-    runtimes = []
-    for name in _RUNTIMES:
-        try:
-            runtimes.append(open_pod_runtime(paths, name))
-        except RuntimeUnavailable:
-            continue  # a runtime this magikrun lacks cannot have made any pod
-    return runtimes
-
-
-async def _all_pods(paths: Paths) -> list[tuple[PodRuntime, PodStatus]]:
-    """Every runtime's pods with the runtime that owns each, oldest first."""
-    pods = [(r, p) for r in _runtimes(paths) for p in await r.list_pods()]
-    return sorted(pods, key=lambda rp: (rp[1].created_at, rp[1].namespace, rp[1].name))
-
-
-async def _locate(paths: Paths, pod: str, namespace: str) -> tuple[PodRuntime, str]:
+def _locate(paths: Paths, pod: str, namespace: str) -> tuple[PodRuntime, str]:
     """The runtime that owns pod ``pod`` (a name or an id) and the pod's id."""
-    from ..errors import PodNotFound
-    from ..pod import find_pod
+    from ..pod import find_pod, runtime_for_pod
 
     pod_id = find_pod(paths, pod, namespace)
-    for runtime, status in await _all_pods(paths):
-        if status.id == pod_id:
-            return runtime, pod_id
-    raise PodNotFound(f"pod {pod!r} was removed meanwhile", pod_id=pod_id)
+    return runtime_for_pod(paths, pod_id), pod_id
 
 
 @click.group()
@@ -157,7 +133,9 @@ def run(ctx: Context, manifest: Path, runtime: str | None, json_flag: bool) -> N
 @click.pass_obj
 def list_pods(ctx: Context, json_flag: bool) -> None:
     """List pods: NAME, NAMESPACE, RUNTIME, PHASE, IP, ready/total containers, AGE."""
-    pods = [status for _, status in _run(_all_pods(ctx.paths.ensure()))]
+    from ..pod import list_all_pods
+
+    pods = _run(list_all_pods(ctx.paths.ensure()))
     if _wants_json(ctx, json_flag):
         ctx.emit([p.to_dict() for p in pods])
         return
@@ -183,7 +161,7 @@ def status(ctx: Context, pod_name: str, namespace: str, json_flag: bool) -> None
     """Show POD's phase and each container's state, exit code, reason and restarts."""
 
     async def go() -> PodStatus:
-        backend, pod_id = await _locate(ctx.paths.ensure(), pod_name, namespace)
+        backend, pod_id = _locate(ctx.paths.ensure(), pod_name, namespace)
         return await backend.pod_status(pod_id)
 
     st = _run(go())
@@ -241,7 +219,7 @@ def logs(
     """Print the logs of POD's containers (stderr lines go to stderr)."""
 
     async def go() -> None:
-        backend, pod_id = await _locate(ctx.paths.ensure(), pod_name, namespace)
+        backend, pod_id = _locate(ctx.paths.ensure(), pod_name, namespace)
         lines = backend.logs(pod_id, container, follow=follow, tail=tail, timestamps=timestamps)
         async for line in lines:
             prefix = "" if container else f"[{line.container}] "
@@ -279,7 +257,7 @@ def exec_(
     from ..platform import EXEC_TIMEOUT
 
     async def go() -> ExecResult:
-        backend, pod_id = await _locate(ctx.paths.ensure(), pod_name, namespace)
+        backend, pod_id = _locate(ctx.paths.ensure(), pod_name, namespace)
         return await backend.exec(pod_id, container, command, timeout=timeout or EXEC_TIMEOUT)
 
     result = _run(go())
@@ -301,7 +279,7 @@ def stop(ctx: Context, pod_name: str, grace: float | None, namespace: str) -> No
     """Stop POD's containers (SIGTERM, then SIGKILL after the grace period)."""
 
     async def go() -> PodStatus:
-        backend, pod_id = await _locate(ctx.paths.ensure(), pod_name, namespace)
+        backend, pod_id = _locate(ctx.paths.ensure(), pod_name, namespace)
         await backend.stop_pod(pod_id, grace=grace)
         return await backend.pod_status(pod_id)
 
@@ -321,7 +299,7 @@ def rm(ctx: Context, pod_name: str, force: bool, namespace: str) -> None:
     """Remove POD and everything it made (containers, network, volumes, state)."""
 
     async def go() -> str:
-        backend, pod_id = await _locate(ctx.paths.ensure(), pod_name, namespace)
+        backend, pod_id = _locate(ctx.paths.ensure(), pod_name, namespace)
         await backend.delete_pod(pod_id, force=force)
         return pod_id
 

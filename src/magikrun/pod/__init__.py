@@ -23,8 +23,10 @@ if typing.TYPE_CHECKING:
     from ._rollback import Rollback as Rollback
     from ._select import RUNTIME_CLASSES as RUNTIME_CLASSES
     from ._select import find_pod as find_pod
+    from ._select import list_all_pods as list_all_pods
     from ._select import open_pod_runtime as open_pod_runtime
     from ._select import recover_pods as recover_pods
+    from ._select import runtime_for_pod as runtime_for_pod
     from ._spec import Capabilities as Capabilities
     from ._spec import ConfigMap as ConfigMap
     from ._spec import ConfigMapVolume as ConfigMapVolume
@@ -116,12 +118,14 @@ __all__ = [
     "etc_hosts",
     "etc_resolv_conf",
     "find_pod",
+    "list_all_pods",
     "memory_bytes",
     "open_pod_runtime",
     "parse_quantity",
     "pod_id",
     "recover_pods",
     "resolve_env",
+    "runtime_for_pod",
     "write_etc_files",
 ]
 
@@ -153,8 +157,10 @@ __getattr__, __dir__ = _lazy.attach(
         "._select": (
             "RUNTIME_CLASSES",
             "find_pod",
+            "list_all_pods",
             "open_pod_runtime",
             "recover_pods",
+            "runtime_for_pod",
         ),
         "._spec": (
             "Capabilities",

@@ -9,16 +9,25 @@ store > native. Names are ``native``, ``wasm``, ``microvm`` or the runtime class
 from __future__ import annotations
 
 import importlib
+from typing import cast
 
-from ..errors import ImageNotFound, InvalidArgument, RuntimeUnavailable
+from ..errors import ImageNotFound, InvalidArgument, PodNotFound, RuntimeUnavailable
 from ..image import ImageService
 from ..platform._paths import Paths
 from ._spec import PodSpec
-from ._state import PodStore
-from ._types import PodRuntime
+from ._state import PodRecord, PodStore
+from ._types import ContainerInfo, PodPhase, PodRuntime, PodStatus, RuntimeName
 from ._undo import recover_pods
 
-__all__ = ["RUNTIME_CLASSES", "find_pod", "open_pod_runtime", "recover_pods", "runtime_name"]
+__all__ = [
+    "RUNTIME_CLASSES",
+    "find_pod",
+    "list_all_pods",
+    "open_pod_runtime",
+    "recover_pods",
+    "runtime_for_pod",
+    "runtime_name",
+]
 
 RUNTIME_CLASSES = {
     "native": "native",
@@ -90,3 +99,85 @@ def open_pod_runtime(
 def find_pod(paths: Paths, name_or_id: str, namespace: str = "default") -> str:
     """The id of a pod given its name (in ``namespace``) or its id; ``PodNotFound`` if none."""
     return PodStore(paths).find(name_or_id, namespace)
+
+
+def runtime_for_pod(paths: Paths, pod_id: str) -> PodRuntime:
+    """The runtime that made pod ``pod_id``, as its record says.
+
+    ``PodNotFound`` if there is no such pod; ``RuntimeUnavailable`` naming the pod when
+    its runtime cannot be opened by this magikrun (so nothing can be done to the pod here).
+    """
+    record = PodStore(paths).get(pod_id)
+    try:
+        return _open_named(paths, record.runtime)
+    except RuntimeUnavailable as exc:
+        raise RuntimeUnavailable(
+            f"pod {record.namespace}/{record.name} cannot be handled here: {exc.message}",
+            hint=f"use a magikrun with the {record.runtime} pod runtime on this root",
+            pod_id=record.id,
+            runtime=record.runtime,
+        ) from exc
+
+
+def _open_named(paths: Paths, runtime: str) -> PodRuntime:
+    """The runtime a pod record names; `RuntimeUnavailable` also for a name unknown here
+    (a record written by another magikrun)."""
+    if runtime not in RUNTIME_CLASSES:
+        raise RuntimeUnavailable(
+            f"pod runtime {runtime!r} is unknown to this magikrun",
+            hint=f"use a magikrun with the {runtime} pod runtime on this root",
+            runtime=runtime,
+        )
+    return open_pod_runtime(paths, runtime)
+
+
+async def list_all_pods(paths: Paths) -> list[PodStatus]:
+    """Every pod of the root whatever its runtime, oldest first.
+
+    The records are listed once; each pod is read by the runtime that made it. A pod
+    whose runtime is unavailable here is still listed, with what its record tells.
+    """
+    runtimes: dict[str, PodRuntime | RuntimeUnavailable] = {}
+    statuses = []
+    for record in PodStore(paths).list():
+        if record.runtime not in runtimes:
+            try:
+                runtimes[record.runtime] = _open_named(paths, record.runtime)
+            except RuntimeUnavailable as exc:
+                runtimes[record.runtime] = exc
+        runtime = runtimes[record.runtime]
+        if isinstance(runtime, RuntimeUnavailable):
+            statuses.append(_uninspectable(record, runtime))
+            continue
+        try:
+            statuses.append(await runtime.pod_status(record.id))
+        except PodNotFound:
+            continue  # removed meanwhile (or rolled back by recovery)
+    return sorted(statuses, key=lambda s: (s.created_at, s.namespace, s.name))
+
+
+def _uninspectable(record: PodRecord, why: RuntimeUnavailable) -> PodStatus:
+    """A pod no runtime here can read: its phase from the record, else ``Unknown``."""
+    if record.state == "creating" and record.owner_alive():
+        phase = PodPhase.PENDING
+    elif record.state == "failed":
+        phase = PodPhase.FAILED
+    else:
+        phase = PodPhase.UNKNOWN
+    spec = record.spec
+    containers = tuple(
+        ContainerInfo(c.name, c.image, "waiting", None, "Unknown", None, None, 0, init)
+        for init, group in ((True, spec.init_containers), (False, spec.containers))
+        for c in group
+    )
+    return PodStatus(
+        id=record.id,
+        name=record.name,
+        namespace=record.namespace,
+        runtime=cast(RuntimeName, record.runtime),
+        phase=phase,
+        ip=record.ip,
+        containers=containers,
+        created_at=record.created,
+        message=f"its runtime cannot read it here: {why.message}",
+    )
