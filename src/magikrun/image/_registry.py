@@ -9,18 +9,17 @@ redirect target on another host, and never to a layer's ``urls``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from types import TracebackType
-from typing import Any, TypeVar
 
 import httpx
 
+from .._threads import finish_in_thread
 from ..errors import (
     DigestMismatch,
     ImageNotFound,
@@ -48,7 +47,6 @@ __all__ = [
     "RegistryClient",
 ]
 
-T = TypeVar("T")
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 """Per-operation network timeouts; the whole pull is bounded by IMAGE_PULL_TIMEOUT."""
@@ -93,26 +91,13 @@ def push_scope(repository: str) -> str:
     return f"repository:{repository}:pull,push"
 
 
-async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` in a worker thread and wait for it even when cancelled, so that the
-    file it works on is not closed under it."""
-    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        while not future.done():
-            with suppress(asyncio.CancelledError):
-                await asyncio.wait([future])
-        raise
-
-
 async def _write(
     writer: BlobWriter, received: bytearray, total: int, progress: ProgressCallback | None
 ) -> None:
     """Hand ``received`` to the writer (in a worker thread) and empty it."""
     data = bytes(received)
     received.clear()
-    await _finish_in_thread(writer.write, data)
+    await finish_in_thread(writer.write, data)
     if progress is not None:
         progress(ProgressEvent(writer.digest, total, writer.offset, False))
 
@@ -461,7 +446,7 @@ class RegistryClient:
                                 registry=self.registry,
                                 digest=desc.digest,
                             ) from exc
-            await _finish_in_thread(writer.commit)
+            await finish_in_thread(writer.commit)
         if progress is not None:
             progress(ProgressEvent(desc.digest, desc.size, desc.size, True))
         return True

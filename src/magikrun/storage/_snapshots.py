@@ -33,8 +33,9 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
+from .._threads import finish_in_thread
 from ..errors import (
     ImageTooLarge,
     InvalidArgument,
@@ -49,7 +50,6 @@ from ._blobs import validate_digest
 
 __all__ = ["Rootfs", "SnapshotStore"]
 
-_T = TypeVar("_T")
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HEX = re.compile(r"[a-f0-9]{64}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -59,21 +59,6 @@ _STATE = "state.json"
 
 RootfsKind = Literal["overlay", "copy"]
 Method = Literal["auto", "overlay", "copy"]
-
-
-async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
-    """Run blocking filesystem work in a thread; on cancellation wait for it to end first,
-    so that cleanup never races a thread still writing."""
-    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([fut])
-        if not fut.cancelled():
-            fut.exception()
-        raise
 
 
 @contextlib.asynccontextmanager
@@ -276,7 +261,7 @@ class Rootfs:
 
     async def remove(self) -> None:
         """Unmount and delete the private upper dir (or the copy). Idempotent."""
-        await _in_thread(_remove_rootfs, self.path.parent)
+        await finish_in_thread(_remove_rootfs, self.path.parent)
 
 
 def _remove_rootfs(base: Path) -> None:
@@ -358,13 +343,13 @@ class SnapshotStore:
         async with _flock(self._locks / hexd):
             if self.has(diff_id):
                 return final
-            await _in_thread(self._clear_stale, hexd)
+            await finish_in_thread(self._clear_stale, hexd)
             tmp = Path(tempfile.mkdtemp(prefix=f"{hexd}.", dir=self._tmp))
             try:
-                await _in_thread(_fill_and_commit, tmp, final, fill)
+                await finish_in_thread(_fill_and_commit, tmp, final, fill)
             except BaseException as exc:
                 try:
-                    await _in_thread(_remove_tree, tmp)
+                    await finish_in_thread(_remove_tree, tmp)
                 except Exception as cleanup:  # noqa: BLE001 - attached to the original error
                     exc.add_note(f"removing the partial snapshot {tmp} failed: {cleanup!r}")
                 raise
@@ -391,7 +376,7 @@ class SnapshotStore:
                 return
             doomed = Path(tempfile.mkdtemp(prefix=f"{final.name}.", dir=self._tmp))
             os.rename(final, doomed / "snapshot")
-            await _in_thread(shutil.rmtree, doomed)
+            await finish_in_thread(shutil.rmtree, doomed)
 
     # -- root filesystems ----------------------------------------------------------------
 
@@ -425,12 +410,12 @@ class SnapshotStore:
             "readonly": readonly,
             "kind": "copy" if method == "copy" else "overlay",
         }
-        await _in_thread(self._reserve, base, state)
+        await finish_in_thread(self._reserve, base, state)
         try:
-            kind = await _in_thread(_assemble, base, lowers, readonly, method)
+            kind = await finish_in_thread(_assemble, base, lowers, readonly, method)
         except BaseException as exc:
             try:
-                await _in_thread(_remove_rootfs, base)
+                await finish_in_thread(_remove_rootfs, base)
             except Exception as cleanup:  # noqa: BLE001 - attached to the original error
                 exc.add_note(f"removing the partial root filesystem {base} failed: {cleanup!r}")
             raise
