@@ -20,9 +20,12 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import MagikrunTimeout
-from .runtime import _monitor
+
+if TYPE_CHECKING:
+    from .runtime import _monitor
 
 __all__ = [
     "Completed",
@@ -209,6 +212,8 @@ def _fork_monitor(
     spec: _monitor.MonitorSpec, report_w: int, child: _monitor.ChildMain | None
 ) -> int:
     """Fork the warm interpreter into a detached monitor; the session id (= pgid)."""
+    from .runtime import _monitor  # runtime sits above this module: imported on use
+
     pid = os.fork()
     if pid != 0:
         os.waitpid(pid, 0)
@@ -237,6 +242,8 @@ def _fork_monitor(
 
 def _exec_monitor(spec: _monitor.MonitorSpec, report_w: int) -> subprocess.Popen[bytes]:
     """Start the monitor as a lean fresh interpreter (``-I -S``, stdlib only)."""
+    from .runtime import _monitor
+
     stdio = subprocess.DEVNULL if spec.log else None
     return subprocess.Popen(
         [sys.executable, "-I", "-S", _monitor.__file__, spec.to_json(), str(report_w)],
