@@ -40,7 +40,8 @@ attributes so that callers need not parse messages::
     │   ├── PodNotFound
     │   ├── PodExists
     │   ├── PodStartFailed              run_pod failed; everything it made was undone
-    │   └── RollbackFailed              undoing a failed step failed too (carries both)
+    │   ├── RollbackFailed              undoing a failed step failed too (carries both)
+    │   └── InfraExtensionFailed        a pod's infra extension is unknown or failed to start
     ├── StorageError
     │   ├── InvalidDigest
     │   ├── BlobNotFound
@@ -72,6 +73,7 @@ __all__ = [
     "ImageNotFound",
     "ImagePullFailed",
     "ImageTooLarge",
+    "InfraExtensionFailed",
     "InvalidArgument",
     "InvalidBundle",
     "InvalidContainerId",
@@ -311,6 +313,15 @@ class RollbackFailed(PodError):
     """Raised when undoing a failed pod start failed too; ``original`` and ``cleanup_errors``."""
 
     default_hint = "run 'magikrun system gc' to retry the cleanup of what was left"
+
+
+class InfraExtensionFailed(PodError):
+    """Raised when a pod's infra extension is unknown or its ``on_start`` failed; ``extension``."""
+
+    default_hint = (
+        "install the extension (entry point group magikrun.infra_extensions) or fix its "
+        "configuration annotation; see the infra container's log"
+    )
 
 
 class StorageError(MagikrunError):

@@ -153,3 +153,9 @@ RESTART_BACKOFF_CAP = 10.0
 """The longest wait between restarts of one container."""
 WASM_CACHE_MAX_AGE = 30 * 24 * 3600.0
 """Seconds a compiled wasm module may go unused before ``sweep_module_cache`` removes it."""
+INFRA_MESSAGE_MAX = 64 * KiB
+"""Bytes of one newline-delimited JSON message between the host and a pod's infra program."""
+INFRA_EVENT_QUEUE = 256
+"""Events queued per infra extension; more are dropped, counted and reported to it."""
+INFRA_READY_TIMEOUT = 30.0
+"""Seconds a pod's infra program may take to start its extensions and report ready."""
