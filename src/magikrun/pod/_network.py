@@ -267,6 +267,48 @@ class PodNetwork:
                 exc.add_note(f"undoing the network attachment failed too: {cleanup}")
             raise
 
+    async def add_ports(
+        self, pod_id: str, netns_path: Path, port_mappings: Iterable[PortMapping]
+    ) -> None:
+        """Add host port forwards to an attached pod (its infra extensions ask for them).
+
+        The portmap step is replaced by one holding the old and the new forwards; the
+        record names it before it runs, so ``delete`` (and recovery) remove them all.
+        """
+        _check_id(pod_id)
+        record = self._read_record(pod_id)
+        if record is None or record.get("result") is None:
+            raise PodNetworkError(f"pod {pod_id} is not attached to the network", pod_id=pod_id)
+        result: dict[str, Any] = record["result"]
+        netns = str(netns_path)
+        old = [p for p in record["chain"] if p["type"] == "portmap"]
+        mappings = [
+            *(
+                PortMapping(
+                    host_port=m["hostPort"],
+                    container_port=m["containerPort"],
+                    protocol=m["protocol"],
+                    host_ip=m.get("hostIP", ""),
+                )
+                for p in old
+                for m in p["runtimeConfig"]["portMappings"]
+            ),
+            *port_mappings,
+        ]
+        taken = {(m.host_port, m.protocol) for m in mappings}
+        if len(taken) != len(mappings):
+            raise PodNetworkError(
+                f"pod {pod_id} already forwards one of these host ports",
+                hint="request each host port once",
+                pod_id=pod_id,
+            )
+        for plugin in old:
+            await self._call("DEL", "portmap", pod_id, netns, {**plugin, "prevResult": result})
+        portmap = self._config(mappings)["chain"][-1]
+        chain = [p for p in record["chain"] if p["type"] != "portmap"]
+        self._write_record(pod_id, {**record, "chain": [*chain, portmap]})
+        await self._call("ADD", "portmap", pod_id, netns, {**portmap, "prevResult": result})
+
     async def _add_chain(self, pod_id: str, netns: str, record: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] | None = None
         for plugin in record["chain"]:
