@@ -263,6 +263,7 @@ async def _run(directory: Path) -> int:
             stop = group.create_task(stopping.wait())
             await asyncio.wait([handshake, stop], return_when=asyncio.FIRST_COMPLETED)
             handshake.cancel()
+            stop.cancel()
         if stopping.is_set():
             await infra.stop(grace)
             return 0
