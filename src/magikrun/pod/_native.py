@@ -26,6 +26,8 @@ from pathlib import Path
 from ..errors import PodError
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, Mount, ProgressCallback
 from ..image import Resources as BundleResources
+from ..infra._events import ContainerCreated, ContainerExited, ContainerStarted
+from ..infra._host import InfraLink, infra_extensions, infra_path, write_pod_config
 from ..platform._limits import DEFAULT_MEMORY_BYTES, EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import ExecResult, NativeRuntime
@@ -45,6 +47,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _MS_BIND = 0x1000
 _MS_RDONLY = 0x1
 _MS_REMOUNT = 0x20
+_INFRA_DIR = "/run"
+"""Where the infra container sees its directory (``pod.json``, ``infra.sock``, ``state/``)."""
 _SHARED_NS = ("ipc", "uts", "pid")
 """Namespaces the infra container holds besides the network one (bound under ``ns/``)."""
 
@@ -67,13 +71,24 @@ def _mount_point(path: str) -> str:
     return path
 
 
-def _python_mounts() -> list[Mount]:
-    """Read-only binds of the filesystems this Python lives on, beyond the root one."""
+def _python_mounts(extra: Sequence[str] = ()) -> list[Mount]:
+    """Read-only binds of the filesystems this Python (and ``extra``) lives on, beyond the
+    root one."""
     import magikrun
 
     wanted = {sys.base_prefix, sys.prefix, sys.executable, os.path.dirname(magikrun.__file__)}
+    wanted.update(extra)
     points = sorted({_mount_point(p) for p in wanted} - {"/"})
     return [Mount(destination=p, source=p, options=("rbind", "ro")) for p in points]
+
+
+async def _tell(link: InfraLink | None, event: ContainerCreated | ContainerExited) -> None:
+    if link is not None:
+        await link.send(event)
+
+
+def _reason(code: int) -> str:
+    return "Completed" if code == 0 else "Error"
 
 
 class NativePodRuntime(PodRuntimeBase):
@@ -114,6 +129,7 @@ class NativePodRuntime(PodRuntimeBase):
     async def run_pod(self, spec: PodSpec) -> PodHandle:
         """Start the whole pod, or nothing: ``PodStartFailed`` names the step and container."""
         await self._ready()
+        extensions = infra_extensions(spec.metadata.annotations)
         record = self.store.create(spec, self.name)
         pod = record.id
         where = _Where()
@@ -140,7 +156,7 @@ class NativePodRuntime(PodRuntimeBase):
             }
             await together(
                 [
-                    self._infra_bundle(rollback, spec, directory, netns, where),
+                    self._infra_bundle(rollback, spec, directory, netns, where, extensions),
                     *(
                         self._bundle(rollback, pod, c, images[c.image], configs[c.name], where)
                         for c in (*spec.init_containers, *spec.containers)
@@ -183,14 +199,21 @@ class NativePodRuntime(PodRuntimeBase):
                 )
             await asyncio.to_thread(write_etc_files, spec, directory / "etc", pod_ip=ip or None)
             self._at(where, "infra")
-            await self._start_infra(rollback, pod, directory)
+            link = await self._start_infra(
+                rollback, spec, directory, extensions, ip=ip or None, netns=netns
+            )
             for init in spec.init_containers:
                 self._at(where, "init", init.name)
-                await self._run_init(rollback, pod, init)
+                await self._run_init(rollback, pod, init, link)
             await self._create_all(rollback, pod, spec.containers, where)
+            for c in spec.containers:
+                await _tell(link, ContainerCreated(name=c.name))
             for c in spec.containers:
                 self._at(where, "start", c.name)
                 await self.runtime.start(container_id(pod, c.name))
+                await self._tell_started(link, pod, c.name)
+            if link is not None:
+                await link.aclose()  # the supervisor connects next
             self._at(where, "supervisor")
             await self._start_supervisor(rollback, spec, directory)
             self.store.update(pod, state="ready")
@@ -227,6 +250,8 @@ class NativePodRuntime(PodRuntimeBase):
             (ns / name).touch(mode=0o444)
         if spec.host_network:
             _bind("/proc/self/ns/net", ns / "net")
+        if infra_extensions(spec.metadata.annotations):
+            (directory / "infra").mkdir(mode=0o700)
         root = directory / "infra-root"
         root.mkdir(mode=0o755)
         _bind("/", root, readonly=True)
@@ -344,17 +369,31 @@ class NativePodRuntime(PodRuntimeBase):
             )
 
     async def _infra_bundle(
-        self, rollback: Rollback, spec: PodSpec, directory: Path, netns: Path, where: _Where
+        self,
+        rollback: Rollback,
+        spec: PodSpec,
+        directory: Path,
+        netns: Path,
+        where: _Where,
+        extensions: Sequence[str],
     ) -> None:
         cid = infra_id(spec.id)
+        command = [sys.executable, "-I", "-m", "magikrun.infra", spec.id]
+        mounts = _python_mounts()
+        if extensions:
+            command.append(_INFRA_DIR)
+            mounts = [
+                *_python_mounts(infra_path()),
+                Mount(destination=_INFRA_DIR, source=str(directory / "infra"), options=("bind",)),
+            ]
         config = ContainerConfig(
             name=cid,
-            command=[sys.executable, "-I", "-m", "magikrun.infra", spec.id],
+            command=command,
             hostname=spec.effective_hostname,
             readonly_rootfs=True,
             capabilities_drop=("ALL",),
             namespaces={"network": str(netns)},
-            mounts=_python_mounts(),
+            mounts=mounts,
             resources=BundleResources(memory_bytes=DEFAULT_MEMORY_BYTES),
         )
         bundle_dir = self.paths.bundles / cid
@@ -377,19 +416,71 @@ class NativePodRuntime(PodRuntimeBase):
             where.container = where.container or "infra"
             raise
 
-    async def _start_infra(self, rollback: Rollback, pod: str, directory: Path) -> None:
+    async def _start_infra(
+        self,
+        rollback: Rollback,
+        spec: PodSpec,
+        directory: Path,
+        extensions: Sequence[str],
+        *,
+        ip: str | None,
+        netns: Path,
+    ) -> InfraLink | None:
+        """Start the infra container; with extensions, wait until each one started."""
+        pod = spec.id
         cid = infra_id(pod)
+        if extensions:
+            meta = spec.metadata
+            await asyncio.to_thread(
+                write_pod_config,
+                directory / "infra",
+                name=spec.name,
+                namespace=spec.namespace,
+                uid=meta.uid or pod,
+                labels=meta.labels,
+                annotations=meta.annotations,
+                pod_ip=ip,
+                placement="native",
+                grace=float(spec.termination_grace_period_seconds),
+                extensions=extensions,
+                path=infra_path(),
+            )
         state = await self._create(rollback, pod, cid)
         assert state.pid is not None
         for name in _SHARED_NS:
             await asyncio.to_thread(_bind, f"/proc/{state.pid}/ns/{name}", directory / "ns" / name)
         await self.runtime.start(cid)
+        if not extensions:
+            return None
 
-    async def _run_init(self, rollback: Rollback, pod: str, init: Container) -> None:
+        async def forward(protocol: str, host_port: int, container_port: int) -> None:
+            mapping = PortMapping(
+                host_port=host_port, container_port=container_port, protocol=protocol
+            )
+            await self.network.add_ports(pod, netns, [mapping])
+
+        link = await InfraLink.connect_unix(
+            directory / "infra", on_port=None if spec.host_network else forward, pod_id=pod
+        )
+        rollback.push("infra-link", link.aclose)
+        await link.wait_ready()
+        return link
+
+    async def _tell_started(self, link: InfraLink | None, pod: str, name: str) -> None:
+        if link is not None:
+            state = await self.runtime.state(container_id(pod, name))
+            await link.send(ContainerStarted(name=name, pid=state.pid or 0))
+
+    async def _run_init(
+        self, rollback: Rollback, pod: str, init: Container, link: InfraLink | None
+    ) -> None:
         cid = container_id(pod, init.name)
         await self._create(rollback, pod, cid)
+        await _tell(link, ContainerCreated(name=init.name))
         await self.runtime.start(cid)
+        await self._tell_started(link, pod, init.name)
         code = await self.runtime.wait(cid)
+        await _tell(link, ContainerExited(name=init.name, exit_code=code, reason=_reason(code)))
         if code != 0:
             raise PodError(
                 f"init container {init.name!r} exited with code {code}",
