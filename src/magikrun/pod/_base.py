@@ -22,10 +22,13 @@ from ..errors import (
     ContainerNotFound,
     InvalidArgument,
     InvalidState,
+    MagikrunError,
     PodError,
     PodNotFound,
     PodStartFailed,
 )
+from ..infra._events import ContainerExited, PodStopping
+from ..infra._host import InfraLink
 from ..platform._limits import RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import (
@@ -215,8 +218,9 @@ class PodRuntimeBase:
         raise NotImplementedError
 
     async def _start_supervisor(self, rollback: Rollback, spec: PodSpec, directory: Path) -> None:
-        """A detached process that applies the restart policy (when there is one to apply)."""
-        if spec.restart_policy is RestartPolicy.NEVER:
+        """A detached process that applies the restart policy (when there is one to apply)
+        and reports container exits to the infra extensions (when the pod has some)."""
+        if spec.restart_policy is RestartPolicy.NEVER and not (directory / "infra").is_dir():
             return
         pid_file = directory / "supervisor.pid"
 
@@ -355,11 +359,44 @@ class PodRuntimeBase:
         if wait < 0:
             raise InvalidArgument(f"grace {grace} is negative", hint="use 0 or more seconds")
         await stop_process(pod_dir(self.paths, pod_id) / "supervisor.pid")
-        async with asyncio.TaskGroup() as group:
-            for container in spec.containers:
-                group.create_task(self._stop_container(container_id(pod_id, container.name), wait))
-        await self._stop_container(infra_id(pod_id), _INFRA_GRACE)
+        link = await self._infra_link(pod_id)
+        try:
+            if link is not None:
+                await link.send(PodStopping(grace=wait))
+            async with asyncio.TaskGroup() as group:
+                for container in spec.containers:
+                    group.create_task(self._stop_app(pod_id, container.name, wait, link))
+        finally:
+            if link is not None:
+                await link.aclose()
+        await self._stop_container(infra_id(pod_id), _INFRA_GRACE + wait)
         self.store.update(pod_id, state="stopped")
+
+    async def _infra_link(self, pod_id: str) -> InfraLink | None:
+        """A channel to the pod's running infra program, if it runs extensions."""
+        directory = pod_dir(self.paths, pod_id) / "infra"
+        infra = self._load(infra_id(pod_id))
+        if not directory.is_dir() or infra is None or not infra.status.can_kill:
+            return None
+        try:
+            return await InfraLink.connect_unix(
+                directory, on_port=None, pod_id=pod_id, timeout=_INFRA_GRACE
+            )
+        except (MagikrunError, OSError) as exc:
+            print(f"pod {pod_id}: infra extensions not told of the stop: {exc}", file=sys.stderr)
+            return None
+
+    async def _stop_app(self, pod_id: str, name: str, grace: float, link: InfraLink | None) -> None:
+        cid = container_id(pod_id, name)
+        before = self._load(cid)
+        await self._stop_container(cid, grace)
+        after = self._load(cid)
+        if link is None or before is None or not before.status.can_kill or after is None:
+            return
+        code = after.exit_code if after.exit_code is not None else -1
+        reason = "Completed" if code == 0 else "Error"
+        with contextlib.suppress(OSError):  # the infra program is going: nothing to tell
+            await link.send(ContainerExited(name=name, exit_code=code, reason=reason))
 
     async def _stop_container(self, cid: str, grace: float) -> None:
         runtime = self._runtime()
