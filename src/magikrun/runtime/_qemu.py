@@ -95,6 +95,10 @@ class VmConfig:
     cmdline: tuple[str, ...] = DEFAULT_CMDLINE
     never_ready: bool = False
     """Test-only: the guest's init never reports ready."""
+    shares: tuple[tuple[str, str], ...] = ()
+    """Writable host directories shared at the same path in the guest ((tag, path) pairs)."""
+    setup: tuple[tuple[str, ...], ...] = ()
+    """Commands the guest runs before its processes (network configuration)."""
     extra_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -184,6 +188,14 @@ def qemu_argv(
             f"local,id=fs{index},path={escaped},security_model=none,readonly=on,multidevs=remap",
             "-device",
             f"{ninep_dev},fsdev=fs{index},mount_tag={tag}",
+        ]
+    for index, (tag, path) in enumerate(config.shares):
+        escaped = path.replace(",", ",,")
+        argv += [
+            "-fsdev",
+            f"local,id=pod{index},path={escaped},security_model=passthrough",
+            "-device",
+            f"{ninep_dev},fsdev=pod{index},mount_tag={tag}",
         ]
     if config.network is not None:
         forwards = "".join(
@@ -311,7 +323,11 @@ class MicroVm:
         self.directory.mkdir(mode=0o700)
         token = secrets.token_urlsafe(32)
         guest = GuestConfig(
-            token=token, processes=self.config.processes, never_ready=self.config.never_ready
+            token=token,
+            processes=self.config.processes,
+            never_ready=self.config.never_ready,
+            mounts=self.config.shares,
+            setup=self.config.setup,
         )
         initramfs = self.directory / "initramfs.cpio"
         await asyncio.to_thread(

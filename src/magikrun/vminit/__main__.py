@@ -8,6 +8,7 @@ import sys
 import time
 
 from ._init import Loop, Supervisor, power_off
+from ._pod import prepare
 from ._server import ControlServer, find_port
 
 _PORT_WAIT = 5.0
@@ -25,7 +26,8 @@ def _open_port() -> int:
 
 
 def serve(config: dict[str, object]) -> None:
-    """Start the configured processes, announce ready, serve until stopped."""
+    """Set up mounts and network, start the configured processes, announce ready, serve."""
+    prepare(config)
     loop = Loop()
     supervisor = Supervisor(loop)
     server = ControlServer(_open_port(), config, supervisor, power_off)

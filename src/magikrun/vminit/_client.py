@@ -58,6 +58,10 @@ class GuestConfig:
     processes: tuple[GuestProcess, ...] = ()
     never_ready: bool = False
     """Test-only: the init never reports ready (to exercise the boot deadline)."""
+    mounts: tuple[tuple[str, str], ...] = ()
+    """Writable 9p shares ((tag, guest path) pairs) mounted before the processes start."""
+    setup: tuple[tuple[str, ...], ...] = ()
+    """Commands run (in order, each must succeed) before the processes start."""
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -65,6 +69,8 @@ class GuestConfig:
                 "token": self.token,
                 "processes": [process.to_dict() for process in self.processes],
                 "never_ready": self.never_ready,
+                "mounts": [list(mount) for mount in self.mounts],
+                "setup": [list(argv) for argv in self.setup],
                 "limits": {
                     "max_frame": VM_CONTROL_MAX_FRAME,
                     "exec_max_output": VM_EXEC_MAX_OUTPUT,
