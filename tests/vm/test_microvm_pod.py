@@ -1,0 +1,184 @@
+"""MicroVM pods under the real QEMU: crun in the guest, the keeper, rollback, leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from magikrun.errors import PodError, PodStartFailed
+from magikrun.image import build_demo_images
+from magikrun.platform import Paths
+from magikrun.pod import PodPhase, PodSpec, open_pod_runtime
+from magikrun.pod._microvm import MicroVmPodRuntime, vm_size
+
+from ..pod._podkit import BUSYBOX, PodEnv, busybox, pod_yaml, unique
+from .conftest import _free_port, needs_vm
+
+pytestmark = [pytest.mark.slow, needs_vm]
+
+
+def _processes(paths: Paths) -> list[str]:
+    """QEMU and keeper processes of this root (their command lines name it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(paths.data) in cmdline and ("qemu" in cmdline or "keeper" in cmdline):
+            found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def _leftovers(paths: Paths) -> dict[str, list[str]]:
+    found = PodEnv(paths).leftovers()
+    processes = _processes(paths)
+    if processes:
+        found["processes"] = processes
+    vms = paths.run / "vms"
+    if vms.is_dir() and any(vms.iterdir()):
+        found["vms"] = [p.name for p in vms.iterdir()]
+    return found
+
+
+TWO = """\
+  volumes: [{name: shared, emptyDir: {}}]
+"""
+
+
+def _two_containers(name: str, port: int) -> PodSpec:
+    web = busybox(
+        "web",
+        'echo hello > /data/greeting; trap "echo bye; exit 3" TERM; '
+        "httpd -p 8080 -h /data; echo web up; while true; do sleep 1; done",
+        f"    ports: [{{containerPort: 8080, hostPort: {port}}}]\n"
+        "    volumeMounts: [{name: shared, mountPath: /data}]\n",
+    )
+    side = busybox(
+        "side",
+        "echo side up; echo from-side >&2; sleep 1000",
+        "    volumeMounts: [{name: shared, mountPath: /data}]\n",
+    )
+    return PodSpec.from_yaml(pod_yaml(name, web + side, TWO))
+
+
+async def test_two_container_pod_exec_logs_hostport_stop_delete(paths: Paths) -> None:
+    await build_demo_images(paths)
+    port = _free_port()
+    spec = _two_containers(unique("vm"), port)
+    runtime = open_pod_runtime(paths, "microvm")
+    assert isinstance(runtime, MicroVmPodRuntime)
+    handle = await runtime.run_pod(spec)
+    try:
+        status = await runtime.pod_status(handle.id)
+        assert status.runtime == "microvm"
+        assert status.phase is PodPhase.RUNNING
+        assert [c.state for c in status.containers] == ["running", "running"]
+        assert status.message is not None and "accelerator tcg" in status.message
+        assert "network user" in status.message
+
+        shared = await runtime.exec(handle.id, "side", ["cat", "/data/greeting"])
+        assert (shared.exit_code, shared.stdout) == (0, b"hello\n")
+        own = await runtime.exec(handle.id, "web", ["sh", "-c", "echo $HOSTNAME; exit 4"])
+        assert own.exit_code == 4 and own.stdout.strip() == spec.effective_hostname.encode()
+        missing = await runtime.exec(handle.id, None, ["no-such-command"])
+        assert missing.exit_code != 0
+
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):  # httpd starts a moment after the container runs
+                try:
+                    response = await client.get(f"http://127.0.0.1:{port}/greeting")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        assert response.text == "hello\n"
+
+        lines = [(x.container, x.stream, x.text) async for x in runtime.logs(handle.id)]
+        assert ("side", "stdout", "side up") in lines
+        assert ("side", "stderr", "from-side") in lines
+        tail = [x.text async for x in runtime.logs(handle.id, "side", tail=1)]
+        assert tail == ["from-side"]
+        with pytest.raises(PodError, match="running"):
+            await runtime.delete_pod(handle.id)
+
+        await runtime.stop_pod(handle.id, grace=5)
+        stopped = await runtime.pod_status(handle.id)
+        codes = {c.name: c.exit_code for c in stopped.containers}
+        assert codes == {"web": 3, "side": 137}  # web traps TERM; side's sh ignores it
+        assert stopped.phase is PodPhase.FAILED and "stopped" in (stopped.message or "")
+        kept = [x.text async for x in runtime.logs(handle.id, "web")]
+        assert kept[-1] == "bye"
+        assert not _processes(paths)
+    finally:
+        await runtime.delete_pod(handle.id, force=True)
+    assert _leftovers(paths) == {}
+
+
+async def test_qemu_killed_from_outside_fails_the_pod_and_delete_cleans(paths: Paths) -> None:
+    await build_demo_images(paths)
+    spec = PodSpec.from_yaml(pod_yaml(unique("vm"), busybox("app", "sleep 1000")))
+    runtime = MicroVmPodRuntime(paths)
+    handle = await runtime.run_pod(spec)
+    qemu = int((paths.run / "pods" / handle.id / "vm" / "qemu.pid").read_text().split()[0])
+    os.kill(qemu, signal.SIGKILL)
+    for _ in range(100):
+        if (await runtime.pod_status(handle.id)).phase is PodPhase.FAILED:
+            break
+        await asyncio.sleep(0.1)
+    status = await runtime.pod_status(handle.id)
+    assert status.phase is PodPhase.FAILED
+    assert "the VM is gone" in (status.message or "")
+    with pytest.raises(PodError, match="not running"):
+        await runtime.exec(handle.id, None, ["true"])
+    await runtime.delete_pod(handle.id)
+    assert _leftovers(paths) == {}
+
+
+async def test_guest_never_ready_is_killed_at_the_deadline(paths: Paths) -> None:
+    await build_demo_images(paths)
+    spec = PodSpec.from_yaml(pod_yaml(unique("vm"), busybox("app", "sleep 1000")))
+    runtime = MicroVmPodRuntime(paths, boot_timeout=15.0, never_ready=True)
+    with pytest.raises(PodStartFailed, match=r"step boot.*did not report ready within 15\.0 s"):
+        await runtime.run_pod(spec)
+    assert _leftovers(paths) == {}
+
+
+async def test_failing_container_fails_the_pod_and_names_it(paths: Paths) -> None:
+    await build_demo_images(paths)
+    containers = busybox("good", "sleep 1000") + busybox("bad", "echo broken >&2; exit 5")
+    spec = PodSpec.from_yaml(pod_yaml(unique("vm"), containers))
+    with pytest.raises(PodStartFailed, match="bad exited 5: broken") as caught:
+        await MicroVmPodRuntime(paths).run_pod(spec)
+    assert caught.value.step == "boot"
+    assert _leftovers(paths) == {}
+
+
+async def test_bad_image_fails_before_boot(paths: Paths) -> None:
+    await build_demo_images(paths)
+    containers = busybox("ok", "true") + (
+        "  - name: gone\n    image: magikrun.local/nothing:here\n    imagePullPolicy: Never\n"
+    )
+    spec = PodSpec.from_yaml(pod_yaml(unique("vm"), containers))
+    with pytest.raises(PodStartFailed) as caught:
+        await MicroVmPodRuntime(paths).run_pod(spec)
+    assert (caught.value.step, caught.value.container) == ("pull", "gone")
+    assert not (paths.run / "vms").exists() or not any((paths.run / "vms").iterdir())
+    assert _leftovers(paths) == {}
+
+
+def test_vm_size_sums_limits_within_bounds() -> None:
+    limits = "    resources: {limits: {cpu: '1500m', memory: 300Mi}}\n"
+    spec = PodSpec.from_yaml(
+        pod_yaml("size", busybox("a", "true", limits) + busybox("b", "true", limits))
+    )
+    assert vm_size(spec) == (3, 600 + 256)
+    plain = PodSpec.from_yaml(pod_yaml("plain", busybox("a", "true")))
+    assert vm_size(plain) == (1, 128 + 256)
+    assert BUSYBOX.startswith("magikrun.local/")
