@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+from typing import Any
 
 from magikrun.pod import PodSpec
 from tests.infra._kit import free_port, get_json, infra_pod, wait_for
 from tests.pod._podkit import PodEnv, unique
 
 
-def _states(doc: dict[str, object]) -> dict[str, dict[str, object]]:
-    return {c["name"]: c for c in doc["containers"]}  # type: ignore[attr-defined,index]
+def _states(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in doc["containers"]}
 
 
 async def test_health_sees_starts_and_exits_and_is_reachable(env: PodEnv) -> None:
@@ -28,14 +29,16 @@ async def test_health_sees_starts_and_exits_and_is_reachable(env: PodEnv) -> Non
     handle = await runtime.run_pod(spec)
     assert handle.ip is not None
 
-    def settled(doc: dict[str, object]) -> bool:
+    ip = handle.ip
+
+    def settled(doc: dict[str, Any]) -> bool:
         states = _states(doc)
         return (
             states.get("fail", {}).get("state") == "exited"
             and states.get("run", {}).get("state") == "running"
         )
 
-    doc = await wait_for(lambda: get_json(handle.ip, 8080), settled)
+    doc = await wait_for(lambda: get_json(ip, 8080), settled)
     states = _states(doc)
     assert states["fail"]["exitCode"] == 3 and states["fail"]["reason"] == "Error"
     assert states["run"]["pid"] > 0 and "exitCode" not in states["run"]

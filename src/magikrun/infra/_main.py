@@ -75,6 +75,9 @@ class _Infra:
         self.running: list[_Running] = []
         self.writer: asyncio.StreamWriter | None = None
         self.connected = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.one_at_a_time = asyncio.Lock()
         self.pending: dict[int, asyncio.Future[str | None]] = {}
         self.next_id = 0
         self.ready = False
@@ -149,10 +152,10 @@ class _Infra:
     async def consume(self, running: _Running) -> None:
         while True:
             event = await running.queue.get()
-            if running.dropped:
-                dropped, running.dropped = running.dropped, 0
-                await self.call(running, EventsDropped(count=dropped))
             await self.call(running, event)
+            if running.dropped:  # a drop happens while the queue is full: reported after
+                dropped, running.dropped = running.dropped, 0  # the next event at the latest
+                await self.call(running, EventsDropped(count=dropped))
             running.queue.task_done()
 
     async def call(self, running: _Running, event: Event) -> None:
@@ -180,24 +183,25 @@ class _Infra:
         self.running.clear()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One host connection at a time; a second one is closed at once."""
-        if self.writer is not None:
-            writer.close()
-            return
-        self.writer = writer
-        self.connected.set()
-        try:
-            while True:
-                self.handle(await read_message(reader))
-        except ChannelClosed as exc:
-            for future in self.pending.values():
-                if not future.done():
-                    future.set_result(f"the host went away ({exc})")
-            self.pending.clear()
-        finally:
-            self.writer = None
-            self.connected.clear()
-            writer.close()
+        """One host connection at a time: a second one waits until the first ends (the
+        pod runtime hands over to the supervisor, the supervisor to ``stop_pod``)."""
+        async with self.one_at_a_time:
+            self.writer = writer
+            self.connected.set()
+            self.idle.clear()
+            try:
+                while True:
+                    self.handle(await read_message(reader))
+            except ChannelClosed as exc:
+                for future in self.pending.values():
+                    if not future.done():
+                        future.set_result(f"the host went away ({exc})")
+                self.pending.clear()
+            finally:
+                self.writer = None
+                self.connected.clear()
+                self.idle.set()
+                writer.close()
 
     async def handshake(self) -> bool:
         """Start the extensions once the host is there; tell it the verdict."""
@@ -216,7 +220,9 @@ class _Infra:
         return True
 
     async def drain(self) -> None:
-        """Until every queued event was handled (the stop waits for this, within grace)."""
+        """Until the host's connection ended and every event it sent was handled (the
+        stop waits for this, within grace: the host closes before it stops the infra)."""
+        await self.idle.wait()
         for running in self.running:
             await running.queue.join()
 
@@ -264,7 +270,7 @@ async def _run(directory: Path) -> int:
             await asyncio.wait([handshake, stop], return_when=asyncio.FIRST_COMPLETED)
             handshake.cancel()
             stop.cancel()
-        if stopping.is_set():
+        if handshake.cancelled():  # stopped before the extensions were all up
             await infra.stop(grace)
             return 0
         if not handshake.result():
