@@ -53,3 +53,20 @@ async def test_health_sees_starts_and_exits_and_is_reachable(env: PodEnv) -> Non
     assert env.leftovers() == {}
     rules = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
     assert f"--dport {host_port}" not in rules
+
+
+async def test_health_counts_restarts(env: PodEnv) -> None:
+    runtime = env.native()
+    spec = PodSpec.from_yaml(infra_pod(unique(), "health", {"flap": "exit 4"}, restart="OnFailure"))
+    handle = await runtime.run_pod(spec)
+    assert handle.ip is not None
+    ip = handle.ip
+
+    def restarted(doc: dict[str, Any]) -> bool:
+        flap = _states(doc).get("flap", {})
+        return flap.get("restartCount", 0) >= 2 and flap.get("state") == "exited"
+
+    doc = await wait_for(lambda: get_json(ip, 8080), restarted)
+    assert _states(doc)["flap"]["exitCode"] == 4
+    await runtime.delete_pod(handle.id, force=True)
+    assert env.leftovers() == {}
