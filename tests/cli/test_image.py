@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests._registry import RegistryServer, busybox_layer, make_image, push_image, unique_repo
 
 from magikrun.image import (
     BUSYBOX_DEMO_REF,
@@ -18,6 +17,7 @@ from magikrun.image import (
     RegistryClient,
     write_demo_layout,
 )
+from tests._registry import RegistryServer, busybox_layer, make_image, push_image, unique_repo
 
 MAGIKRUN = Path(sys.executable).with_name("magikrun")
 

@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tests.conftest import requires_root
 
 from magikrun.image import BundleBuilder, ContainerConfig, Resources
 from magikrun.platform import Paths
+from tests.conftest import requires_root
 
 RUNTIMES = [
     pytest.param(name, marks=pytest.mark.skipif(not shutil.which(name), reason=f"no {name}"))

@@ -12,20 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tests._registry import (
-    HttpTap,
-    RegistryServer,
-    Seen,
-    TestImage,
-    busybox_layer,
-    file_layer,
-    make_image,
-    push_image,
-    push_index,
-    serve_image,
-    unique_repo,
-)
-from tests.conftest import REGISTRY_USERS, requires_root
 
 from magikrun.errors import (
     DigestMismatch,
@@ -44,6 +30,20 @@ from magikrun.image._reference import Reference
 from magikrun.image._registry import ProgressEvent, RegistryClient
 from magikrun.platform import MAX_LAYER_SIZE, MAX_MANIFEST_SIZE, Paths
 from magikrun.storage import ContentStore, sha256_digest
+from tests._registry import (
+    HttpTap,
+    RegistryServer,
+    Seen,
+    TestImage,
+    busybox_layer,
+    file_layer,
+    make_image,
+    push_image,
+    push_index,
+    serve_image,
+    unique_repo,
+)
+from tests.conftest import REGISTRY_USERS, requires_root
 
 USER, PASSWORD = next(iter(REGISTRY_USERS.items()))
 CREDS = f"{USER}:{PASSWORD}"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests._registry import file_layer, make_image
 
 from magikrun.errors import (
     DigestMismatch,
@@ -30,6 +29,7 @@ from magikrun.image._reference import Reference
 from magikrun.image._registry import RegistryClient
 from magikrun.platform import Paths
 from magikrun.storage import ContentStore, sha256_digest
+from tests._registry import file_layer, make_image
 
 REALM = "https://auth.example/token"
 REGISTRY = "registry.example"

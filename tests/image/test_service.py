@@ -10,16 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests._registry import (
-    RegistryServer,
-    TestImage,
-    busybox_layer,
-    file_layer,
-    make_image,
-    push_image,
-    unique_repo,
-)
-from tests.conftest import requires_root
 
 from magikrun.errors import ImageNotFound, ImagePullFailed, InvalidArgument
 from magikrun.image import (
@@ -34,6 +24,16 @@ from magikrun.image import (
 from magikrun.image._mediatypes import OCI_LAYER_GZIP
 from magikrun.platform import Paths
 from magikrun.storage import SnapshotStore, sha256_digest
+from tests._registry import (
+    RegistryServer,
+    TestImage,
+    busybox_layer,
+    file_layer,
+    make_image,
+    push_image,
+    unique_repo,
+)
+from tests.conftest import requires_root
 
 
 def _stored_blobs(paths: Paths) -> set[str]:

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.conftest import requires_root
 
 from magikrun.errors import StorageError
 from magikrun.platform import (
@@ -30,6 +29,7 @@ from magikrun.platform import (
     parse_proc_cgroup,
 )
 from magikrun.platform._detect import _probe_key
+from tests.conftest import requires_root
 
 V1_MOUNTS = """\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import requires_root
 
 from magikrun.errors import InvalidArgument, PodNetworkError
 from magikrun.platform import Paths
@@ -33,6 +32,7 @@ from magikrun.pod import (
     delete_netns,
 )
 from magikrun.pod._netns import is_netns
+from tests.conftest import requires_root
 
 pytestmark = [requires_root, pytest.mark.root]
 
