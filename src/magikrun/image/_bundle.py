@@ -32,16 +32,13 @@ import re
 import resource
 import shutil
 import stat
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
 
-import zstandard
-
-from ..errors import BundleBuildFailed, ImageTooLarge, InvalidBundle
+from ..errors import BundleBuildFailed, ImageTooLarge, InvalidBundle, PathTraversal, UnsafeLayer
 from ..platform._limits import (
     DEFAULT_MEMORY_BYTES,
     MAX_CONTAINER_ID_LEN,
@@ -53,7 +50,8 @@ from ..platform._limits import (
     MIN_MEMORY_BYTES,
 )
 from ..platform._paths import Paths
-from ._mediatypes import GZIP_LAYERS, TAR_LAYERS, WASM_LAYER, ZSTD_LAYERS
+from ._extract import ExtractBudget, open_layer_file
+from ._mediatypes import WASM_LAYER
 from ._model import Image, ImageConfig
 from ._seccomp import default_seccomp_profile
 
@@ -1159,78 +1157,29 @@ def open_wasm_module(image: Image, open_blob: Callable[[str], BinaryIO]) -> Iter
             hint='build the image with a wasm layer or ENTRYPOINT ["/app.wasm"]',
             field="image.config.Entrypoint",
         )
-    target = _layer_path(argv[0])
-    if target is None:
+    budget = ExtractBudget(max_files_per_layer=MAX_FILES_PER_LAYER)
+    try:
+        with open_layer_file(image.layers, open_blob, argv[0], budget=budget) as found:
+            if found is None:
+                raise BundleBuildFailed(
+                    f"image {image.reference} has no file {argv[0]} for its entrypoint",
+                    hint="check the image's ENTRYPOINT and layers",
+                    field="image.config.Entrypoint",
+                )
+            if found.file is None:
+                raise BundleBuildFailed(
+                    f"{argv[0]} in layer {found.layer.digest} is not a regular file",
+                    hint="the module must be a plain file in the image, not a link",
+                    field="image.config.Entrypoint",
+                )
+            yield found.file
+    except PathTraversal as exc:
         raise BundleBuildFailed(
             f"image.config.Entrypoint: {argv[0]!r} is not a path inside the image",
             hint="the image is malformed or hostile",
             field="image.config.Entrypoint",
-        )
-    for layer in reversed(image.layers):
-        if layer.media_type not in TAR_LAYERS | GZIP_LAYERS | ZSTD_LAYERS:
-            continue
-        with open_blob(layer.digest) as blob, _open_layer(blob, layer.media_type) as tar:
-            hidden = False
-            for count, member in enumerate(tar, 1):
-                if count > MAX_FILES_PER_LAYER:
-                    raise ImageTooLarge(
-                        f"layer {layer.digest} has over {MAX_FILES_PER_LAYER} entries",
-                        hint="the image is malformed or hostile",
-                        digest=layer.digest,
-                    )
-                name = _layer_path(member.name)
-                if name == target:
-                    module = tar.extractfile(member) if member.isreg() else None
-                    if module is None:
-                        raise BundleBuildFailed(
-                            f"{argv[0]} in layer {layer.digest} is not a regular file",
-                            hint="the module must be a plain file in the image, not a link",
-                            field="image.config.Entrypoint",
-                        )
-                    yield module  # type: ignore[misc]
-                    return
-                hidden = hidden or (name is not None and _hides(name, target))
-        if hidden:
-            break
-    raise BundleBuildFailed(
-        f"image {image.reference} has no file {argv[0]} for its entrypoint",
-        hint="check the image's ENTRYPOINT and layers",
-        field="image.config.Entrypoint",
-    )
-
-
-def _layer_path(name: str) -> PurePosixPath | None:
-    """An archive or argv path as a relative path, or None if it climbs out."""
-    parts = [p for p in PurePosixPath("/" + name).parts[1:] if p not in ("", ".")]
-    if not parts or ".." in parts:
-        return None
-    return PurePosixPath(*parts)
-
-
-def _hides(entry: PurePosixPath, target: PurePosixPath) -> bool:
-    """Whether whiteout ``entry`` deletes ``target`` or one of its directories
-    from the layers below (OCI image spec whiteouts)."""
-    if entry.name == ".wh..wh..opq":
-        return entry.parent in target.parents and entry.parent != target
-    if entry.name.startswith(".wh."):
-        removed = entry.parent / entry.name[len(".wh.") :]
-        return removed == target or removed in target.parents
-    return False
-
-
-@contextlib.contextmanager
-def _open_layer(blob: BinaryIO, media_type: str) -> Iterator[tarfile.TarFile]:
-    """The layer as a streamed tar; corrupt data met while it is read (by us or by the
-    reader of the module) is a BundleBuildFailed, the reader's own errors are not."""
-    if media_type in ZSTD_LAYERS:
-        stream: BinaryIO = zstandard.ZstdDecompressor().stream_reader(blob)
-        mode = "r|"
-    else:
-        stream, mode = blob, ("r|gz" if media_type in GZIP_LAYERS else "r|")
-    try:
-        with tarfile.open(fileobj=stream, mode=mode) as tar:  # type: ignore[call-overload]
-            yield tar
-    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+        ) from exc
+    except UnsafeLayer as exc:
         raise BundleBuildFailed(
             f"cannot read a layer of the image: {exc}",
             hint="the image is corrupt; pull it again",

@@ -36,7 +36,7 @@ import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal, NoReturn, cast
@@ -808,6 +808,91 @@ def apply_layer(
         if stream is not None:
             stream.close()
         tree.release()
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFile:
+    """The topmost entry at a path in an image's layers, as ``open_layer_file`` found it."""
+
+    layer: Layer
+    file: BinaryIO | None
+    """The entry's content, readable while ``open_layer_file`` is open; None when the
+    entry is not a regular file (a link, directory or device)."""
+
+
+@contextlib.contextmanager
+def open_layer_file(
+    layers: Sequence[Layer],
+    open_blob: Callable[[str], BinaryIO],
+    path: str,
+    *,
+    budget: ExtractBudget,
+) -> Iterator[LayerFile | None]:
+    """Find the entry at ``path`` (relative to the image's root) in ``layers`` (bottom
+    first), searching the topmost layer first and honouring whiteouts, without extracting.
+
+    Yields None when no layer has it or a whiteout hides it. Layers that are not tar
+    archives are skipped, entries whose names could leave the root never match. Raises
+    ``PathTraversal`` for a ``path`` that climbs out, ``ImageTooLarge`` over the budget's
+    entry and size limits, ``UnsafeLayer`` for corrupt data, also met while the yielded file
+    is read.
+
+    Example::
+
+        with open_layer_file(image.layers, content.open, "app/hello.wasm",
+                             budget=ExtractBudget()) as found:
+            data = found.file.read() if found and found.file else None
+    """
+    target = _split(path.lstrip("/"), path, "path")
+    if not target:
+        raise PathTraversal(f"path {path!r} names the root, not a file", entry=path)
+    for layer in reversed(layers):
+        if layer.media_type not in ARCHIVE_LAYERS:
+            continue
+        hidden = False
+        try:
+            with contextlib.ExitStack() as stack:
+                blob = stack.enter_context(open_blob(layer.digest))
+                stream = _LayerStream(blob, budget)
+                stack.callback(stream.close)
+                tar = stack.enter_context(
+                    tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER)
+                )
+                for count, member in enumerate(tar, 1):
+                    if count > budget.max_files_per_layer:
+                        raise ImageTooLarge(
+                            f"layer {layer.digest} has over {budget.max_files_per_layer} entries",
+                            digest=layer.digest,
+                            limit=budget.max_files_per_layer,
+                        )
+                    try:
+                        parts = _split(member.name, member.name)
+                    except UnsafeLayer:
+                        continue
+                    if parts == target:
+                        file = tar.extractfile(member) if member.isreg() else None
+                        yield LayerFile(layer, cast(BinaryIO | None, file))
+                        return
+                    hidden = hidden or _hides(parts, target)
+        except (tarfile.TarError, EOFError) as exc:
+            raise UnsafeLayer(f"layer {layer.digest} is not a valid tar archive: {exc}") from exc
+        if hidden:
+            break
+    yield None
+
+
+def _hides(entry: _Parts, target: _Parts) -> bool:
+    """Whether whiteout ``entry`` deletes ``target`` or one of its directories from the
+    layers below (OCI image spec whiteouts; aufs metadata hides nothing)."""
+    if not entry:
+        return False
+    base, parent = entry[-1], entry[:-1]
+    if base == _OPAQUE:
+        return len(target) > len(parent) and target[: len(parent)] == parent
+    if base.startswith(_WHITEOUT) and not base.startswith(_WHITEOUT + _WHITEOUT):
+        removed = (*parent, base[len(_WHITEOUT) :])
+        return target[: len(removed)] == removed
+    return False
 
 
 async def unpack_layer(
