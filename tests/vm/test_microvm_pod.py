@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from magikrun.errors import PodError, PodStartFailed
+from magikrun.errors import BackendFailed, PodError, PodStartFailed
 from magikrun.image import build_demo_images
 from magikrun.platform import Paths
 from magikrun.pod import PodPhase, PodSpec, open_pod_runtime
@@ -135,7 +135,7 @@ async def test_qemu_killed_from_outside_fails_the_pod_and_delete_cleans(paths: P
     status = await runtime.pod_status(handle.id)
     assert status.phase is PodPhase.FAILED
     assert "the VM is gone" in (status.message or "")
-    with pytest.raises(PodError, match="not running"):
+    with pytest.raises(BackendFailed, match="not running"):
         await runtime.exec(handle.id, None, ["true"])
     await runtime.delete_pod(handle.id)
     assert _leftovers(paths) == {}

@@ -3,12 +3,10 @@
 Every image is pulled and every container's root filesystem (an overlay) and bundle
 are made on the host, then shared into the guest over 9p at the same paths, so the
 bundles hold valid paths there; vminit mounts them and starts each container with
-``crun run``. The VM is owned by a detached *keeper* process, because the control
-channel is a socket only the process that started QEMU holds: the keeper boots the
-VM, reports ready (or why not) on a pipe, and then relays ``exec``, ``status``,
-``logs`` and ``stop`` from a unix socket in the pod's private ``vm`` directory. Its
-pid file and QEMU's are pod resources recorded before either process exists, so
-rollback, ``delete`` and ``system gc`` end an orphaned QEMU.
+``crun run``. The VM belongs to a detached keeper process
+(:mod:`magikrun.runtime._microvm`) through which ``exec``, ``status``, ``logs`` and
+``stop`` go. The keeper's and QEMU's pid files are pod resources recorded before
+either process exists, so rollback, ``delete`` and ``system gc`` end an orphaned QEMU.
 
 Networking is QEMU user-mode (``hostPort`` forwards on 127.0.0.1); the pod's status
 message names it and the accelerator. The tap-in-netns design is not built yet.
@@ -19,57 +17,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from .. import _process
-from ..errors import InvalidArgument, PodError, PodNotFound, VmBootFailed
+from ..errors import BackendFailed, InvalidArgument, PodNotFound
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, ProgressCallback
 from ..platform._limits import EXEC_TIMEOUT, MAX_VCPUS, MAX_VM_MEMORY_MIB, VM_BOOT_TIMEOUT
 from ..platform._paths import Paths
 from ..runtime import ExecResult
-from ..runtime._store import process_start_time
+from ..runtime._microvm import CRUN, ask, ask_one, exec_result, spawn_keeper, vm_alive
 from ._base import PodRuntimeBase, _Where, container_id, pod_dir, together
 from ._fault import FaultHook
 from ._rollback import Rollback
 from ._spec import Container, PodSpec, resolve_env
 from ._state import PodRecord
 from ._types import ContainerInfo, LogLine, PodHandle, PodPhase, PodStatus, RuntimeName
-from ._undo import read_pid_file, stop_process
+from ._undo import stop_process
 from ._volumes import container_mounts, prepare_volumes
 
-__all__ = ["MicroVmPodRuntime", "keeper_main", "vm_size"]
+__all__ = ["MicroVmPodRuntime", "vm_size"]
 
-GUEST_ADDRESS = "10.0.2.15/24"
-GUEST_GATEWAY = "10.0.2.2"
-_CRUN = ("crun", "--root", "/run/crun")
 _VM_OVERHEAD_MIB = 256
 _DEFAULT_CONTAINER_MIB = 128
-_STOP_POLL = 0.2
-_KEEPER_BOOTSTRAP = """
-import json, os, sys
-pid_file, path, status_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-if os.fork():
-    os._exit(0)
-os.setsid()
-null = os.open(os.devnull, os.O_RDWR)
-log = os.open(pid_file + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-os.dup2(null, 0); os.dup2(null, 1); os.dup2(log, 2); os.close(null); os.close(log)
-with open("/proc/self/stat", "rb") as f:
-    start = f.read().rsplit(b")", 1)[1].split()[19].decode()
-with open(pid_file + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {start}")
-os.replace(pid_file + ".tmp", pid_file)
-sys.path[:] = path
-from magikrun.pod._microvm import keeper_main
-keeper_main(sys.argv[4:], status_fd)
-"""
-"""Starts the keeper detached (double fork, own session); the pid file is out before the imports."""
 
 
 def vm_size(spec: PodSpec) -> tuple[int, int]:
@@ -159,8 +130,6 @@ class MicroVmPodRuntime(PodRuntimeBase):
             self._at(where, "boot")
             plan = self._plan(spec, directory, rootfs)
             vm_dir = _vm_dir(self.paths, pod)
-            await asyncio.to_thread(vm_dir.mkdir, 0o700)
-            (vm_dir / "plan.json").write_text(json.dumps(plan))
             await self._make(
                 rollback, pod, "supervisor", f"{pod}.keeper",
                 {"pid_file": str(vm_dir / "keeper.pid")},
@@ -169,7 +138,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
             await self._make(
                 rollback, pod, "supervisor", f"{pod}.qemu",
                 {"pid_file": str(vm_dir / "qemu.pid")},
-                lambda: self._spawn_keeper(pod, vm_dir),
+                lambda: spawn_keeper(self.paths, vm_dir, plan),
             )  # fmt: skip
             self.store.update(pod, state="ready")
             rollback.pop_all()
@@ -238,8 +207,8 @@ class MicroVmPodRuntime(PodRuntimeBase):
             cid = container_id(spec.id, c.name)
             bundle = self.paths.bundles / cid
             shares += [str(bundle), str(rootfs[c.name])]
-            argv = [*_CRUN, "run", "--bundle", str(bundle), cid]
-            processes.append({"name": c.name, "argv": argv})
+            argv = [*CRUN, "run", "--bundle", str(bundle), cid]
+            processes.append({"name": c.name, "cid": cid, "argv": argv})
         forwards = sorted(
             {
                 (p.host_port, p.container_port)
@@ -250,9 +219,6 @@ class MicroVmPodRuntime(PodRuntimeBase):
         )
         vcpus, memory = vm_size(spec)
         return {
-            "pod": spec.id,
-            "run": str(self.paths.run),
-            "data": str(self.paths.data),
             "vcpus": vcpus,
             "memory_mib": memory,
             "shares": shares,
@@ -262,85 +228,17 @@ class MicroVmPodRuntime(PodRuntimeBase):
             "never_ready": self.never_ready,
         }
 
-    async def _spawn_keeper(self, pod: str, vm_dir: Path) -> None:
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            argv = [
-                sys.executable, "-I", "-S", "-c", _KEEPER_BOOTSTRAP,
-                str(vm_dir / "keeper.pid"), json.dumps(sys.path), str(write_fd),
-                str(self.paths.data), str(self.paths.run), pod,
-            ]  # fmt: skip
-            done = await _process.run(argv, timeout=30.0, pass_fds=(write_fd,))
-        finally:
-            os.close(write_fd)
-        try:
-            if done.returncode != 0:
-                raise PodError(
-                    f"the microVM keeper of pod {pod} did not start: "
-                    f"{done.stderr.decode(errors='replace').strip()}",
-                    hint="check that magikrun is installed for this Python",
-                    pod_id=pod,
-                )
-            reader = asyncio.StreamReader()
-            loop = asyncio.get_running_loop()
-            transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
-            )
-            read_fd = -1
-            try:
-                async with asyncio.timeout(self.boot_timeout + 30.0):
-                    line = await reader.readline()
-            finally:
-                transport.close()
-        finally:
-            if read_fd >= 0:
-                os.close(read_fd)
-        answer = json.loads(line) if line else {"ok": False, "error": "the keeper died"}
-        if not answer.get("ok"):
-            raise VmBootFailed(str(answer.get("error")), pod_id=pod)
-
-    # -- talking to the keeper -----------------------------------------------------
-
-    async def _ask(self, pod: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        path = _vm_dir(self.paths, pod) / "control.sock"
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
-        except OSError as exc:
-            raise PodError(
-                f"pod {pod}'s microVM is not running ({exc.strerror})",
-                hint="see 'magikrun pod status'; delete the pod and run it again",
-                pod_id=pod,
-            ) from exc
-        try:
-            writer.write(json.dumps(request).encode() + b"\n")
-            await writer.drain()
-            while line := await reader.readline():
-                message = json.loads(line)
-                if "error" in message:
-                    raise PodError(str(message["error"]), pod_id=pod)
-                yield message
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def _ask_one(self, pod: str, request: dict[str, Any]) -> dict[str, Any]:
-        async for message in self._ask(pod, request):
-            return message
-        raise PodError(f"pod {pod}'s microVM keeper gave no answer", pod_id=pod)
-
     # -- status, exec, logs, stop --------------------------------------------------
 
     def _status(self, record: PodRecord) -> PodStatus:
         vm_dir = _vm_dir(self.paths, record.id)
         state = _read_json(vm_dir / "state.json")
-        keeper = read_pid_file(vm_dir / "keeper.pid")
-        alive = keeper is not None and process_start_time(keeper[0]) == keeper[1]
+        running = vm_alive(vm_dir)
         guest = cast(dict[str, dict[str, Any]], state.get("containers", {}))
         infos = []
         for c in record.spec.containers:
             found = guest.get(c.name)
-            if found is None or (found["state"] == "running" and not alive):
+            if found is None or (found["state"] == "running" and not running):
                 infos.append(
                     ContainerInfo(c.name, c.image, "waiting", None, "VmGone" if found else
                                   "ContainerCreating", None, None, 0, False)
@@ -365,7 +263,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
             done = all(i.state == "terminated" for i in infos)
             ok = done and all(i.exit_code == 0 for i in infos)
             phase, message = (PodPhase.SUCCEEDED if ok else PodPhase.FAILED), f"stopped; {net}"
-        elif not alive:
+        elif not running:
             phase, message = PodPhase.FAILED, f"the VM is gone (QEMU exited); {net}"
         elif any(i.state == "running" for i in infos):
             phase, message = PodPhase.RUNNING, net
@@ -388,8 +286,8 @@ class MicroVmPodRuntime(PodRuntimeBase):
         await self._ready()
         record = self.store.get(pod_id)
         if record.state == "ready":
-            with contextlib.suppress(PodError):
-                await self._ask_one(pod_id, {"op": "status"})
+            with contextlib.suppress(BackendFailed):
+                await ask_one(_vm_dir(self.paths, pod_id), {"op": "status"})
         return self._status(record)
 
     async def exec(
@@ -402,13 +300,8 @@ class MicroVmPodRuntime(PodRuntimeBase):
     ) -> ExecResult:
         """Run ``argv`` in a container with ``crun exec`` inside the guest."""
         cid, argv = await self._exec_checked(pod_id, container, argv)
-        answer = await self._ask_one(
-            pod_id, {"op": "exec", "argv": [*_CRUN, "exec", cid, *argv], "timeout": timeout}
-        )
-        from ..vminit import ExecOutput
-
-        out = ExecOutput.from_dict(answer["result"])
-        return ExecResult(exit_code=out.exit_code, stdout=out.stdout, stderr=out.stderr)
+        request = {"op": "exec", "argv": [*CRUN, "exec", cid, *argv], "timeout": timeout}
+        return exec_result(await ask_one(_vm_dir(self.paths, pod_id), request))
 
     async def logs(
         self,
@@ -432,7 +325,8 @@ class MicroVmPodRuntime(PodRuntimeBase):
                 records = records if tail != 0 else []
             else:
                 request = {"op": "logs", "name": name, "tail": tail, "follow": follow}
-                records = [m["item"] async for m in self._ask(pod_id, request) if "item" in m]
+                vm_dir = _vm_dir(self.paths, pod_id)
+                records = [m["item"] async for m in ask(vm_dir, request) if "item" in m]
             for item in records:
                 yield LogLine(name, item["stream"], _time(item["time"]), item["line"])
 
@@ -444,9 +338,9 @@ class MicroVmPodRuntime(PodRuntimeBase):
         wait = float(record.spec.termination_grace_period_seconds if grace is None else grace)
         if wait < 0:
             raise InvalidArgument(f"grace {grace} is negative", hint="use 0 or more seconds")
-        with contextlib.suppress(PodError):
-            await self._ask_one(pod_id, {"op": "stop", "grace": wait})
         vm_dir = _vm_dir(self.paths, pod_id)
+        with contextlib.suppress(BackendFailed):
+            await ask_one(vm_dir, {"op": "stop", "grace": wait})
         await stop_process(vm_dir / "keeper.pid")
         await stop_process(vm_dir / "qemu.pid")
         self.store.update(pod_id, state="stopped")
@@ -478,179 +372,3 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _time(text: str) -> datetime:
     head, _, rest = text.rstrip("Z").partition(".")
     return datetime.fromisoformat(f"{head}.{rest[:6].ljust(6, '0')}").replace(tzinfo=UTC)
-
-
-# -- the keeper process -----------------------------------------------------------
-
-
-class _Keeper:
-    """Owns one pod's VM: boots it, relays requests, records what it last saw."""
-
-    def __init__(self, paths: Paths, pod: str) -> None:
-        from ..runtime._qemu import MicroVm, UserNetwork, VmConfig
-        from ..vminit import GuestProcess
-
-        self.directory = _vm_dir(paths, pod)
-        plan = json.loads((self.directory / "plan.json").read_text())
-        self.names = [p["name"] for p in plan["processes"]]
-        self.cids = {p["name"]: p["argv"][-1] for p in plan["processes"]}
-        gateway = GUEST_GATEWAY
-        setup = (
-            ("/bin/busybox", "ip", "link", "set", "lo", "up"),
-            ("/bin/busybox", "ip", "addr", "add", GUEST_ADDRESS, "dev", "eth0"),
-            ("/bin/busybox", "ip", "link", "set", "eth0", "up"),
-            ("/bin/busybox", "ip", "route", "add", "default", "via", gateway),
-        )
-        config = VmConfig(
-            vcpus=plan["vcpus"],
-            memory_mib=plan["memory_mib"],
-            processes=tuple(
-                GuestProcess(name=p["name"], argv=tuple(p["argv"])) for p in plan["processes"]
-            ),
-            network=UserNetwork(host_forwards=tuple((h, g) for h, g in plan["forwards"])),
-            boot_timeout=float(plan["boot_timeout"]),
-            never_ready=bool(plan["never_ready"]),
-            shares=tuple((f"pod.{i}", path) for i, path in enumerate(plan["shares"])),
-            setup=setup,
-        )
-        self.vm = MicroVm(paths, config)
-        self.accel = ""
-        self.containers: dict[str, Any] = {}
-
-    def save(self, name: str, data: object) -> None:
-        tmp = self.directory / f".{name}.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.directory / name)
-
-    def save_state(self) -> None:
-        self.save("state.json", {"accel": self.vm.accel, "containers": self.containers})
-
-    async def refresh(self) -> None:
-        self.containers = await self.vm.client.status()
-        self.save_state()
-
-    async def boot(self) -> None:
-        qemu_pid = self.directory / "qemu.pid"
-        boot = asyncio.ensure_future(self.vm.boot())
-        while not boot.done():
-            pid = self.vm.pid
-            if pid is not None and not qemu_pid.exists():
-                qemu_pid.write_text(f"{pid} {process_start_time(pid)}")
-            await asyncio.wait({boot}, timeout=0.05)
-        boot.result()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.vm.config.boot_timeout
-        while True:
-            await self.refresh()
-            failed = {n: i for n, i in self.containers.items() if i["state"] != "running"}
-            if failed or all([await self.created(n) for n in self.names]):
-                break
-            if loop.time() > deadline:
-                raise VmBootFailed(
-                    f"the containers did not all run within {self.vm.config.boot_timeout} s",
-                    hint="see the pod's logs and the images' commands",
-                )
-            await asyncio.sleep(_STOP_POLL)
-        if failed:
-            logs = {n: [r.line async for r in self.vm.client.logs(n)] for n in failed}
-            raise PodError(
-                "containers failed in the VM: "
-                + "; ".join(
-                    f"{n} exited {i['exit_code']}: {' / '.join(logs[n][-3:])}"
-                    for n, i in failed.items()
-                ),
-                hint="see the container's command and image",
-            )
-
-    async def created(self, name: str) -> bool:
-        """Whether crun in the guest has the container running (not merely being made)."""
-        out = await self.vm.client.exec([*_CRUN, "state", self.cids[name]])
-        return out.exit_code == 0 and json.loads(out.stdout).get("status") == "running"
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        def send(message: dict[str, Any]) -> None:
-            writer.write(json.dumps(message).encode() + b"\n")
-
-        try:
-            request = json.loads(await reader.readline())
-            op = request.get("op")
-            client = self.vm.client
-            if op == "status":
-                await self.refresh()
-                send({"result": self.containers})
-            elif op == "exec":
-                out = await client.exec(
-                    [str(a) for a in request["argv"]], timeout=float(request["timeout"])
-                )
-                send({"result": out.to_dict()})
-            elif op == "logs":
-                async for record in client.logs(
-                    str(request["name"]), tail=request.get("tail"), follow=bool(request["follow"])
-                ):
-                    send({"item": record.to_dict()})
-                    await writer.drain()
-            elif op == "stop":
-                await self.stop(float(request["grace"]))
-                send({"result": None})
-            else:
-                send({"error": f"unknown request {op!r}"})
-        except Exception as exc:  # noqa: BLE001 - reported to the asking process
-            send({"error": str(exc) or type(exc).__name__})
-        with contextlib.suppress(OSError):
-            await writer.drain()
-            writer.close()
-
-    async def stop(self, grace: float) -> None:
-        """TERM then KILL each container; keep codes and logs on the host; power off."""
-        client = self.vm.client
-        for sig, wait in (("TERM", grace), ("KILL", 10.0)):
-            await self.refresh()
-            running = [n for n, i in self.containers.items() if i["state"] == "running"]
-            if not running:
-                break
-            for name in running:
-                await client.exec([*_CRUN, "kill", self.cids[name], sig])
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + wait
-            while loop.time() < deadline:
-                await self.refresh()
-                if all(i["state"] != "running" for i in self.containers.values()):
-                    break
-                await asyncio.sleep(_STOP_POLL)
-        logs = {}
-        for name in self.names:
-            logs[name] = [r.to_dict() async for r in client.logs(name)]
-        self.save("logs.json", logs)
-        await self.vm.shutdown(grace=0)
-
-
-async def _keep(paths: Paths, pod: str, status_fd: int) -> None:
-    keeper = _Keeper(paths, pod)
-    status = os.fdopen(status_fd, "w")
-    try:
-        await keeper.boot()
-    except BaseException as exc:
-        await keeper.vm.kill()
-        status.write(json.dumps({"ok": False, "error": str(exc)}) + "\n")
-        status.close()
-        raise
-    socket_path = keeper.directory / "control.sock"
-    server = await asyncio.start_unix_server(keeper.handle, str(socket_path), limit=1 << 24)
-    status.write(json.dumps({"ok": True, "accel": keeper.vm.accel}) + "\n")
-    status.close()
-    loop = asyncio.get_running_loop()
-    ended = asyncio.ensure_future(keeper.vm.wait())
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, ended.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await ended
-    server.close()
-    await keeper.vm.kill()
-    socket_path.unlink(missing_ok=True)
-
-
-def keeper_main(argv: list[str], status_fd: int) -> None:
-    """The keeper process: ``DATA RUN POD`` (started by ``_KEEPER_BOOTSTRAP``)."""
-    data, run, pod = argv
-    paths = Paths(data=Path(data), run=Path(run))
-    asyncio.run(_keep(paths, pod, status_fd))
