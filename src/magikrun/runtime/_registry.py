@@ -21,6 +21,7 @@ __all__ = ["BACKENDS", "RuntimeRegistry"]
 BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "native": ("magikrun.runtime._crun", "NativeRuntime", ("crun", "runc", "oci", "linux")),
     "wasm": ("magikrun.runtime._wasmtime", "WasmtimeRuntime", ("wasmtime", "wasi", "wasm32-wasi")),
+    "microvm": ("magikrun.runtime._microvm", "MicroVmRuntime", ("qemu", "vm", "krun")),
 }
 """name -> (module, class, aliases). A backend class takes ``(paths, *, store=...)``."""
 
