@@ -78,3 +78,19 @@ async def test_a_bad_module_fails_the_whole_pod_with_nothing_left(env: PodEnv) -
     assert caught.value.container == "bad"
     assert env.leftovers() == {}
     assert await runtime.list_pods() == []
+
+
+async def test_infra_extensions_are_refused_before_anything_is_made(env: PodEnv) -> None:
+    manifest = spec(
+        (
+            f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {unique()}\n  annotations:\n"
+            "    magikrun.io/infra-extensions: health\nspec:\n  restartPolicy: Never\n"
+            "  containers:\n" + _module("hello", HELLO)
+        ).encode()
+    )
+    runtime = env.wasm()
+    with pytest.raises(NotSupported, match="asks for infra extensions") as caught:
+        await runtime.run_pod(manifest)
+    assert "magikrun-native" in caught.value.hint
+    assert await runtime.list_pods() == []
+    assert env.leftovers() == {}

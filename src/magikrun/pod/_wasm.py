@@ -23,6 +23,7 @@ from ..image import (
     ProgressCallback,
     open_wasm_module,
 )
+from ..infra._host import EXTENSIONS_ANNOTATION
 from ..platform._limits import EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import ExecResult, OciRuntime
@@ -70,6 +71,13 @@ class WasmPodRuntime(PodRuntimeBase):
 
     async def run_pod(self, spec: PodSpec) -> PodHandle:
         """Start every module, or nothing: ``PodStartFailed`` names the step and container."""
+        if EXTENSIONS_ANNOTATION in spec.metadata.annotations:
+            raise NotSupported(
+                f"pod {spec.metadata.name!r} asks for infra extensions, which wasm pods do not run",
+                hint=f"drop the {EXTENSIONS_ANNOTATION} annotation or run the pod as "
+                "runtimeClassName: magikrun-native",
+                field=f"metadata.annotations[{EXTENSIONS_ANNOTATION}]",
+            )
         await self._ready()
         record = self.store.create(spec, self.name)
         pod = record.id
