@@ -182,3 +182,18 @@ def test_vm_size_sums_limits_within_bounds() -> None:
     plain = PodSpec.from_yaml(pod_yaml("plain", busybox("a", "true")))
     assert vm_size(plain) == (1, 128 + 256)
     assert BUSYBOX.startswith("magikrun.local/")
+
+
+@pytest.mark.parametrize("step", ["pull", "bundle", "boot"])
+async def test_fault_at_each_step_before_the_vm_leaves_nothing(paths: Paths, step: str) -> None:
+    await build_demo_images(paths)
+
+    def hook(label: str) -> None:
+        if label == step:
+            raise OSError(f"injected at {label}")
+
+    spec = PodSpec.from_yaml(pod_yaml(unique("vm"), busybox("app", "sleep 1000")))
+    with pytest.raises(PodStartFailed, match=f"step {step} failed: .*injected") as caught:
+        await MicroVmPodRuntime(paths, fault_hook=hook).run_pod(spec)
+    assert caught.value.step == step
+    assert _leftovers(paths) == {}
