@@ -3,7 +3,8 @@
 # from Debian's busybox-static, a WASI hello-world module) offline and import them, then
 # run the demo pods in examples/ (a native pod of two containers sharing an emptyDir, a
 # wasm pod, and a microVM pod where QEMU and a guest kernel exist), show their status and
-# logs, and remove them. Idempotent: demo pods left by an interrupted run are removed first. Uses $MAGIKRUN_ROOT if set, else the default root.
+# logs, and remove them. Idempotent: demo pods left by an interrupted run are removed
+# first. Uses $MAGIKRUN_ROOT if set, else the default root.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
