@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,43 @@ if TYPE_CHECKING:
     from tests._registry import RegistryServer
 
 
+def _reap_leftovers(path: Path) -> None:
+    """Stop what a failed or interrupted test left running under ``path`` before the
+    directory goes: containers (through the OCI binary that made them), processes naming
+    the path (monitors, supervisors, QEMU), then mounts (rootfs overlays, netns binds).
+    Tests assert "nothing left" themselves; this only keeps one failure from leaking
+    into the machine and the tests after it."""
+    for oci_root in (*path.glob("run/oci"), *path.glob("*/run/oci"), *path.glob("*/*/run/oci")):
+        for binary in ("crun", "runc"):
+            listed = subprocess.run(
+                [binary, "--root", str(oci_root), "list", "-q"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            for container in listed.stdout.split():
+                subprocess.run(
+                    [binary, "--root", str(oci_root), "delete", "--force", container],
+                    capture_output=True,
+                    check=False,
+                )
+    needle = str(path).encode()
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    prefix = str(path) + "/"
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for target in reversed(mounts):
+        if target.startswith(prefix):
+            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path (unix sockets allow 108 bytes)."""
@@ -24,6 +63,8 @@ def short_tmp() -> Iterator[Path]:
     try:
         yield path
     finally:
+        if os.geteuid() == 0:
+            _reap_leftovers(path)
         shutil.rmtree(path, ignore_errors=True)
 
 
