@@ -26,7 +26,8 @@ attributes so that callers need not parse messages::
     │       └── PathTraversal
     ├── BundleError
     │   ├── BundleBuildFailed
-    │   └── InvalidBundle
+    │   ├── InvalidBundle
+    │   └── UnsafeRootfsPath            a path inside a root filesystem leads out of it or loops
     ├── BackendError
     │   ├── RuntimeUnavailable
     │   ├── NotSupported
@@ -102,6 +103,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "UnsafeLayer",
+    "UnsafeRootfsPath",
     "UnsupportedMediaType",
     "VmBootFailed",
     "VmControlError",
@@ -239,6 +241,14 @@ class BundleBuildFailed(BundleError):
 
 class InvalidBundle(BundleError):
     """Raised when a bundle directory or its config.json is malformed or unsafe."""
+
+
+class UnsafeRootfsPath(BundleError):
+    """Raised when a path resolved inside a root filesystem would leave it, loops through
+    too many symbolic links or runs through a non-directory (``reason``: escape, links,
+    notdir)."""
+
+    reason: str
 
 
 class BackendError(MagikrunError):
