@@ -38,13 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
 
-from ..errors import BundleBuildFailed, ImageTooLarge, InvalidBundle, PathTraversal, UnsafeLayer
+from .._fs import RootPath, open_resolved, resolve_in_root
+from ..errors import (
+    BundleBuildFailed,
+    ImageTooLarge,
+    InvalidBundle,
+    PathTraversal,
+    UnsafeLayer,
+    UnsafeRootfsPath,
+)
 from ..platform._limits import (
     DEFAULT_MEMORY_BYTES,
     MAX_CONTAINER_ID_LEN,
     MAX_FILES_PER_LAYER,
     MAX_MEMORY_BYTES,
-    MAX_SYMLINK_DEPTH,
     MAX_USER_DB_SIZE,
     MAX_WASM_MODULE_SIZE,
     MIN_MEMORY_BYTES,
@@ -536,104 +543,21 @@ def _open_rootfs(rootfs: Path) -> Iterator[int]:
         os.close(fd)
 
 
-@dataclass(slots=True)
-class _Resolved:
-    parts: list[str]
-    kind: Literal["dir", "file", "missing"]
-
-    @property
-    def path(self) -> str:
-        return "/" + "/".join(self.parts)
-
-
-def _resolve_in_root(root_fd: int, path: str, field_name: str) -> _Resolved:
-    """Resolve ``path`` as the container will, with ``root_fd`` as ``/``.
-
-    Symlinks are followed inside the root (absolute targets start at the root);
-    a ``..`` that would climb above the root, from the path or from a link, is
-    refused rather than clamped: an image that needs it is malformed or hostile.
-    Components past the first missing one are taken literally.
-    """
-    todo = list(reversed(PurePosixPath(path).parts[1:]))
-    parts: list[str] = []
-    fds: list[int] = []
-    links = 0
-    kind: Literal["dir", "file", "missing"] = "dir"
-
-    def escape() -> BundleBuildFailed:
-        return _fail(
+def _resolve_in_root(root_fd: int, path: str, field_name: str) -> RootPath:
+    """``resolve_in_root`` with its refusals, and anything but a file or directory, as
+    errors of ``field_name``."""
+    try:
+        resolved = resolve_in_root(root_fd, path)
+    except UnsafeRootfsPath as exc:
+        raise _fail(field_name, exc.message, exc.hint, path=path) from exc
+    if resolved.kind == "other":
+        raise _fail(
             field_name,
-            f"{path!r} resolves outside the root filesystem",
-            "the image is malformed or hostile; use a path inside it",
+            f"{path!r} is neither a file nor a directory",
+            "use a path to a regular file or directory",
             path=path,
         )
-
-    try:
-        while todo:
-            part = todo.pop()
-            if part in ("", "."):
-                continue
-            if kind == "file":
-                raise _fail(
-                    field_name,
-                    f"{path!r}: /{'/'.join(parts)} is not a directory",
-                    "use a path of directories",
-                    path=path,
-                )
-            if part == "..":
-                if not parts:
-                    raise escape()
-                if len(fds) == len(parts):
-                    os.close(fds.pop())
-                parts.pop()
-                kind = "dir" if len(fds) == len(parts) else "missing"
-                continue
-            if kind == "missing":
-                parts.append(part)
-                continue
-            here = fds[-1] if fds else root_fd
-            try:
-                st = os.stat(part, dir_fd=here, follow_symlinks=False)
-            except FileNotFoundError:
-                parts.append(part)
-                kind = "missing"
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > MAX_SYMLINK_DEPTH:
-                    raise _fail(
-                        field_name,
-                        f"{path!r} has too many levels of symbolic links",
-                        "the image is malformed or hostile",
-                        path=path,
-                    )
-                target = os.readlink(part, dir_fd=here)
-                if target.startswith("/"):
-                    while fds:
-                        os.close(fds.pop())
-                    parts.clear()
-                todo.extend(reversed(target.split("/")))
-            elif stat.S_ISDIR(st.st_mode):
-                fds.append(
-                    os.open(
-                        part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=here
-                    )
-                )
-                parts.append(part)
-            elif stat.S_ISREG(st.st_mode):
-                parts.append(part)
-                kind = "file"
-            else:
-                raise _fail(
-                    field_name,
-                    f"{path!r} is neither a file nor a directory",
-                    "use a path to a regular file or directory",
-                    path=path,
-                )
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return _Resolved(parts, kind)
+    return resolved
 
 
 def _resolve_cwd(root_fd: int, cwd: str, field_name: str) -> str:
@@ -663,28 +587,11 @@ def _read_in_root(root_fd: int, path: str, field_name: str) -> str | None:
     resolved = _resolve_in_root(root_fd, path, field_name)
     if resolved.kind != "file":
         return None
-    fds: list[int] = []
-    try:
-        for part in resolved.parts[:-1]:
-            fds.append(
-                os.open(
-                    part,
-                    os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=fds[-1] if fds else root_fd,
-                )
-            )
-        fd = os.open(
-            resolved.parts[-1],
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-            dir_fd=fds[-1] if fds else root_fd,
-        )
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                return None
-            data = file.read(MAX_USER_DB_SIZE + 1)
-    finally:
-        for dir_fd in fds:
-            os.close(dir_fd)
+    fd = open_resolved(root_fd, resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            return None
+        data = file.read(MAX_USER_DB_SIZE + 1)
     if len(data) > MAX_USER_DB_SIZE:
         raise ImageTooLarge(
             f"{field_name}: {path} in the image is over {MAX_USER_DB_SIZE} bytes",

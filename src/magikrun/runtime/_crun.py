@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import posixpath
 import resource
 import shutil
 import stat
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import _process
+from .._fs import resolve_in_root
 from ..errors import (
     BackendFailed,
     ContainerNotFound,
@@ -32,13 +32,13 @@ from ..errors import (
     InvalidState,
     MagikrunError,
     RuntimeUnavailable,
+    UnsafeRootfsPath,
 )
 from ..platform._limits import (
     CONTAINER_START_TIMEOUT,
     EXEC_TIMEOUT,
     MAX_CONFIG_SIZE,
     MAX_CONTAINERS,
-    MAX_SYMLINK_DEPTH,
 )
 from ..platform._paths import Paths
 from ._monitor import MonitorSpec
@@ -143,33 +143,20 @@ def _check_root(bundle: Path, spec: Mapping[str, Any]) -> None:
 def _check_cwd(bundle: Path, spec: Mapping[str, Any], cwd: object) -> None:
     if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
         _bad(bundle, f"process.cwd {cwd!r} must be an absolute path", "set process.cwd, e.g. '/'")
-    rootfs = rootfs_of(bundle, spec)
-    parts = [p for p in cwd.split("/") if p not in ("", ".")]
-    depth = 0
-    resolved: list[str] = []
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if not resolved:
-                _bad(
-                    bundle,
-                    f"process.cwd {cwd!r} leaves the container's root filesystem",
-                    "use a working directory inside the rootfs",
-                )
-            resolved.pop()
-            continue
-        candidate = rootfs.joinpath(*resolved, part)
-        if candidate.is_symlink():
-            depth += 1
-            if depth > MAX_SYMLINK_DEPTH:
-                _bad(bundle, f"process.cwd {cwd!r} has too many links", "fix the rootfs links")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        resolved.append(part)
-    if posixpath.join("/", *resolved).startswith("/proc/"):
+    root_fd = os.open(rootfs_of(bundle, spec), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        resolved = resolve_in_root(root_fd, cwd).path
+    except UnsafeRootfsPath as exc:
+        if exc.reason == "escape":
+            _bad(
+                bundle,
+                f"process.cwd {cwd!r} leaves the container's root filesystem",
+                "use a working directory inside the rootfs",
+            )
+        _bad(bundle, f"process.cwd {exc.message}", exc.hint)
+    finally:
+        os.close(root_fd)
+    if resolved.startswith("/proc/"):
         _bad(bundle, f"process.cwd {cwd!r} points into /proc", "use a directory of the rootfs")
 
 

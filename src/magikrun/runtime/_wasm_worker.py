@@ -27,7 +27,6 @@ environment).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -40,7 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..errors import InvalidBundle, LimitExceeded, MagikrunError
+from .. import _fs
+from ..errors import InvalidBundle, LimitExceeded, MagikrunError, UnsafeRootfsPath
 
 if TYPE_CHECKING:
     from ._wasm_engine import CompiledModule, WasmEngine
@@ -60,9 +60,6 @@ _CATCH = frozenset(
     }
 )
 _INTERRUPT_GRACE = 1.0
-_SYS_OPENAT2 = 437
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_IN_ROOT = 0x10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,46 +93,25 @@ class WorkerSpec:
         return cls(**raw)
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = (
-        ("flags", ctypes.c_uint64),
-        ("mode", ctypes.c_uint64),
-        ("resolve", ctypes.c_uint64),
-    )
-
-
 def open_in_root(root: str, path: str, *, max_size: int) -> int:
-    """Open the regular file ``path`` as if ``root`` were ``/``; the kernel keeps it inside.
+    """Open the regular file ``path`` as if ``root`` were ``/``; it cannot lead outside.
 
-    ``openat2(RESOLVE_IN_ROOT)`` resolves ``..`` and every symlink (absolute ones
-    included) within ``root``, so a hostile rootfs cannot point outside itself.
     Refuses anything but a regular file no larger than ``max_size``.
     """
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-        how = _OpenHow(
-            flags=os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
-            mode=0,
-            resolve=_RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS,
+        fd = _fs.open_in_root(
+            root_fd, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         )
-        fd: int = libc.syscall(
-            _SYS_OPENAT2,
-            root_fd,
-            os.fsencode(path),
-            ctypes.byref(how),
-            ctypes.sizeof(how),
-        )
-    finally:
-        os.close(root_fd)
-    if fd < 0:
-        err = ctypes.get_errno()
+    except (OSError, UnsafeRootfsPath) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else exc.message
         raise InvalidBundle(
-            f"cannot open the wasm module {path!r} inside the rootfs {root}: {os.strerror(err)}",
+            f"cannot open the wasm module {path!r} inside the rootfs {root}: {reason}",
             hint="process.args[0] must name a .wasm file inside root.path",
             path=path,
-        )
+        ) from exc
+    finally:
+        os.close(root_fd)
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
