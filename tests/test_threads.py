@@ -19,12 +19,12 @@ async def test_returns_the_result_and_leaves_no_thread() -> None:
     before = tasks()
     names: list[str] = []
 
-    def work(a: int, b: int) -> int:
+    def work(a: int, *, b: int) -> int:
         names.append(threading.current_thread().name)
         return a + b
 
-    assert await finish_in_thread(work, 2, 3) == 5
-    assert await finish_in_thread(work, 4, 5) == 9
+    assert await finish_in_thread(work, 2, b=3) == 5
+    assert await finish_in_thread(work, 4, b=5) == 9
     assert names == ["magikrun-blocking", "magikrun-blocking"]
     assert tasks() == before
 

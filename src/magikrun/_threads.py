@@ -30,17 +30,18 @@ def _work(
     outcome: asyncio.Future[_T],
     fn: Callable[..., _T],
     args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> None:
     try:
-        result = fn(*args)
+        result = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task, which raises it
         loop.call_soon_threadsafe(outcome.set_exception, exc)
     else:
         loop.call_soon_threadsafe(outcome.set_result, result)
 
 
-async def finish_in_thread(fn: Callable[..., _T], *args: Any) -> _T:
-    """Run ``fn(*args)`` in a new thread and return (or raise) what it did.
+async def finish_in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run ``fn(*args, **kwargs)`` in a new thread and return (or raise) what it did.
 
     When cancelled, waits for the thread to end before re-raising, so that cleanup
     never races a thread still writing (or a file closed under it); a failure of the
@@ -50,7 +51,7 @@ async def finish_in_thread(fn: Callable[..., _T], *args: Any) -> _T:
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[_T] = loop.create_future()
     thread = threading.Thread(
-        target=_work, args=(loop, outcome, fn, args), name="magikrun-blocking"
+        target=_work, args=(loop, outcome, fn, args, kwargs), name="magikrun-blocking"
     )
     thread.start()
     task = f"/proc/self/task/{thread.native_id}"

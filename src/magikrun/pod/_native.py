@@ -16,13 +16,13 @@ nothing.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._threads import finish_in_thread
 from ..errors import PodError
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, Mount, ProgressCallback
 from ..image import Resources as BundleResources
@@ -146,9 +146,9 @@ class NativePodRuntime(PodRuntimeBase):
                 "poddir",
                 pod,
                 {"path": str(directory)},
-                lambda: asyncio.to_thread(self._make_pod_dir, spec, directory),
+                lambda: finish_in_thread(self._make_pod_dir, spec, directory),
             )
-            volumes = await asyncio.to_thread(prepare_volumes, spec, directory)
+            volumes = await finish_in_thread(prepare_volumes, spec, directory)
             ip = ""
             configs = {
                 c.name: self._config(spec, c, directory, netns, volumes, ip)
@@ -171,7 +171,7 @@ class NativePodRuntime(PodRuntimeBase):
                     "netns",
                     pod,
                     {"path": str(netns)},
-                    lambda: asyncio.to_thread(create_netns, netns),
+                    lambda: finish_in_thread(create_netns, netns),
                 )
                 self._at(where, "network")
                 status = await self._make(
@@ -197,7 +197,7 @@ class NativePodRuntime(PodRuntimeBase):
                     netns=netns,
                     volumes=volumes,
                 )
-            await asyncio.to_thread(write_etc_files, spec, directory / "etc", pod_ip=ip or None)
+            await finish_in_thread(write_etc_files, spec, directory / "etc", pod_ip=ip or None)
             self._at(where, "infra")
             link = await self._start_infra(
                 rollback, spec, directory, extensions, ip=ip or None, netns=netns
@@ -333,7 +333,7 @@ class NativePodRuntime(PodRuntimeBase):
                 "bundle",
                 cid,
                 {"path": str(bundle_dir)},
-                lambda: asyncio.to_thread(
+                lambda: finish_in_thread(
                     self.builder.build_oci_bundle, image, config, rootfs.path, bundle_dir
                 ),
             )
@@ -360,7 +360,7 @@ class NativePodRuntime(PodRuntimeBase):
             config = self._config(spec, c, directory, netns, volumes, ip)
             rootfs = self.images.snapshots.rootfs(cid)
             assert rootfs is not None
-            await asyncio.to_thread(
+            await finish_in_thread(
                 self.builder.build_oci_bundle,
                 images[c.image],
                 config,
@@ -404,7 +404,7 @@ class NativePodRuntime(PodRuntimeBase):
                 "bundle",
                 cid,
                 {"path": str(bundle_dir)},
-                lambda: asyncio.to_thread(
+                lambda: finish_in_thread(
                     self.builder.build_oci_bundle,
                     None,
                     config,
@@ -431,7 +431,7 @@ class NativePodRuntime(PodRuntimeBase):
         cid = infra_id(pod)
         if extensions:
             meta = spec.metadata
-            await asyncio.to_thread(
+            await finish_in_thread(
                 write_pod_config,
                 directory / "infra",
                 name=spec.name,
@@ -448,7 +448,7 @@ class NativePodRuntime(PodRuntimeBase):
         state = await self._create(rollback, pod, cid)
         assert state.pid is not None
         for name in _SHARED_NS:
-            await asyncio.to_thread(_bind, f"/proc/{state.pid}/ns/{name}", directory / "ns" / name)
+            await finish_in_thread(_bind, f"/proc/{state.pid}/ns/{name}", directory / "ns" / name)
         await self.runtime.start(cid)
         if not extensions:
             return None

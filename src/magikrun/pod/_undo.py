@@ -12,6 +12,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from .._threads import finish_in_thread
 from ..errors import ContainerNotFound, MagikrunError, PodError
 from ..platform._paths import Paths
 from ..runtime import NativeRuntime, OciRuntime
@@ -43,11 +44,11 @@ async def undo_resource(paths: Paths, resource: Resource) -> None:
         if rootfs is not None:
             await rootfs.remove()
     elif kind == "poddir":
-        await asyncio.to_thread(remove_pod_dir, Path(data["path"]))
+        await finish_in_thread(remove_pod_dir, Path(data["path"]))
     elif kind == "bundle":
-        await asyncio.to_thread(_remove_tree, Path(data["path"]))
+        await finish_in_thread(_remove_tree, Path(data["path"]))
     elif kind == "netns":
-        await asyncio.to_thread(delete_netns, Path(data["path"]))
+        await finish_in_thread(delete_netns, Path(data["path"]))
     elif kind == "network":
         network = PodNetwork(paths, bridge=str(data["bridge"]), subnet=str(data["subnet"]))
         await network.delete(resource.pod_id, Path(data["netns"]))

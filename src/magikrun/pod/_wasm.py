@@ -10,10 +10,10 @@ preview 1 has no sockets.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._threads import finish_in_thread
 from ..errors import NotSupported, PodError
 from ..image import (
     BundleBuilder,
@@ -96,9 +96,9 @@ class WasmPodRuntime(PodRuntimeBase):
                 "poddir",
                 pod,
                 {"path": str(directory)},
-                lambda: asyncio.to_thread(directory.mkdir, 0o711, True),
+                lambda: finish_in_thread(directory.mkdir, 0o711, True),
             )
-            volumes = await asyncio.to_thread(prepare_volumes, spec, directory)
+            volumes = await finish_in_thread(prepare_volumes, spec, directory)
             await together(
                 [
                     self._bundle(rollback, spec, c, images[c.image], volumes, where)
@@ -172,7 +172,7 @@ class WasmPodRuntime(PodRuntimeBase):
                 "bundle",
                 cid,
                 {"path": str(bundle_dir)},
-                lambda: asyncio.to_thread(build),
+                lambda: finish_in_thread(build),
             )
         except Exception:  # the first to fail is named (siblings are not cancelled)
             where.container = where.container or c.name
