@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _process
 from ..errors import (
+    BackendFailed,
     ContainerExists,
     ContainerLimitReached,
     ContainerNotFound,
@@ -281,6 +283,28 @@ class ContainerStore:
                 with contextlib.suppress(ContainerNotFound):
                     records.append(self.load(entry.name))
         return records
+
+    async def wait_exit(
+        self,
+        id: str,
+        *,
+        keeper: str = "its monitor",
+        hint: str = "the monitor was killed; delete the container with --force",
+    ) -> int:
+        """Block until the container's monitor (``keeper``, as errors name it) ends; the
+        exit code it recorded. Every backend's ``wait``: the monitor outlives the process."""
+        record = self.load(id)
+        if record.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
+            if record.monitor_alive():
+                await _process.wait_exit(record.monitor_pid)
+            record = self.load(id)
+        if record.exit_code is None:
+            raise BackendFailed(
+                f"the exit code of container {id!r} was lost ({keeper} ended without one)",
+                hint=hint,
+                id=id,
+            )
+        return record.exit_code
 
     def remove(self, id: str) -> None:
         """Forget the container: its directory and everything in it."""

@@ -364,18 +364,7 @@ class WasmtimeRuntime:
         self.store.remove(id)
 
     async def wait(self, id: str) -> int:
-        record = self.store.load(id)
-        if record.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
-            if record.monitor_alive():
-                await _process.wait_exit(record.monitor_pid)
-            record = self.store.load(id)
-        if record.exit_code is None:
-            raise BackendFailed(
-                f"the exit code of container {id!r} was lost (its monitor ended without one)",
-                hint="the monitor was killed; delete the container with --force",
-                id=id,
-            )
-        return record.exit_code
+        return await self.store.wait_exit(id)
 
     async def exec(
         self,
