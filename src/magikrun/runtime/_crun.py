@@ -45,9 +45,7 @@ from ._monitor import MonitorSpec
 from ._store import (
     ContainerRecord,
     ContainerStore,
-    process_start_time,
     validate_container_id,
-    write_pid_file,
 )
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 
@@ -450,17 +448,7 @@ class NativeRuntime:
                         (report.stderr or report.reason).encode(),
                     ),
                 )
-            assert report.pid is not None
-            record = self.store.update(
-                record,
-                status=ContainerStatus.CREATED,
-                pid=report.pid,
-                pid_start=process_start_time(report.pid),
-                monitor_pid=report.monitor_pid,
-                monitor_start=process_start_time(report.monitor_pid),
-            )
-            if pid_file is not None:
-                write_pid_file(Path(pid_file), report.pid)
+            record = self.store.mark_created(record, report, pid_file)
         except BaseException as exc:
             await self._undo_create(id, binary, exc)
             raise

@@ -284,6 +284,28 @@ class ContainerStore:
                     records.append(self.load(entry.name))
         return records
 
+    def mark_created(
+        self,
+        record: ContainerRecord,
+        report: _process.MonitorReport,
+        pid_file: str | os.PathLike[str] | None,
+    ) -> ContainerRecord:
+        """Record what a monitor reported after a successful create: CREATED, with the
+        process's and the monitor's pids and start times (against pid reuse); then write
+        the caller's ``--pid-file``."""
+        assert report.ok and report.pid is not None
+        record = self.update(
+            record,
+            status=ContainerStatus.CREATED,
+            pid=report.pid,
+            pid_start=process_start_time(report.pid),
+            monitor_pid=report.monitor_pid,
+            monitor_start=process_start_time(report.monitor_pid),
+        )
+        if pid_file is not None:
+            write_pid_file(Path(pid_file), report.pid)
+        return record
+
     async def wait_exit(
         self,
         id: str,

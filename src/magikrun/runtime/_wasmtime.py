@@ -55,7 +55,7 @@ from ..platform import (
 )
 from ._crun import load_bundle_config, rootfs_of
 from ._monitor import MonitorSpec
-from ._store import ContainerStore, process_start_time, validate_container_id, write_pid_file
+from ._store import ContainerStore, process_start_time, validate_container_id
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 from ._wasm_worker import WorkerSpec, load, open_in_root, serve
 
@@ -289,17 +289,7 @@ class WasmtimeRuntime:
                 self.spawned += 1
             if not report.ok:
                 raise _create_failed(id, report)
-            assert report.pid is not None
-            record = self.store.update(
-                record,
-                status=ContainerStatus.CREATED,
-                pid=report.pid,
-                pid_start=process_start_time(report.pid),
-                monitor_pid=report.monitor_pid,
-                monitor_start=process_start_time(report.monitor_pid),
-            )
-            if pid_file is not None:
-                write_pid_file(Path(pid_file), report.pid)
+            record = self.store.mark_created(record, report, pid_file)
         except BaseException as exc:
             await self._undo_create(id, report, exc)
             raise
