@@ -64,6 +64,12 @@ def _bind(source: str, target: Path, *, readonly: bool = False) -> None:
             raise PodError(f"cannot make {target} read-only: {os.strerror(code)}", path=str(target))
 
 
+def _hold_namespaces(pid: int, ns_dir: Path) -> None:
+    """Bind the infra process's shared namespaces (one thread for all, not one each)."""
+    for name in _SHARED_NS:
+        _bind(f"/proc/{pid}/ns/{name}", ns_dir / name)
+
+
 def _mount_point(path: str) -> str:
     path = os.path.realpath(path)
     while not os.path.ismount(path):
@@ -447,8 +453,7 @@ class NativePodRuntime(PodRuntimeBase):
             )
         state = await self._create(rollback, pod, cid)
         assert state.pid is not None
-        for name in _SHARED_NS:
-            await finish_in_thread(_bind, f"/proc/{state.pid}/ns/{name}", directory / "ns" / name)
+        await finish_in_thread(_hold_namespaces, state.pid, directory / "ns")
         await self.runtime.start(cid)
         if not extensions:
             return None
