@@ -36,9 +36,22 @@ class GuestProcess:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str = "/"
+    restart: str = "Never"
+    """Kubernetes' restart policy, applied by vminit: Always, OnFailure or Never."""
+    backoff: float = 1.0
+    """Seconds before the first restart (doubling up to ``backoff_cap``)."""
+    backoff_cap: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "argv": list(self.argv), "env": dict(self.env), "cwd": self.cwd}
+        return {
+            "name": self.name,
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "restart": self.restart,
+            "backoff": self.backoff,
+            "backoff_cap": self.backoff_cap,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GuestProcess:
@@ -47,6 +60,9 @@ class GuestProcess:
             argv=tuple(str(arg) for arg in data["argv"]),
             env={str(k): str(v) for k, v in data.get("env", {}).items()},
             cwd=str(data.get("cwd", "/")),
+            restart=str(data.get("restart", "Never")),
+            backoff=float(data.get("backoff", 1.0)),
+            backoff_cap=float(data.get("backoff_cap", 10.0)),
         )
 
 
@@ -279,6 +295,10 @@ class ControlClient:
         async for message in self._stream("logs", timeout, name=name, tail=tail, follow=follow):
             if "item" in message:
                 yield LogRecord.from_dict(message["item"])
+
+    async def hold(self) -> None:
+        """No more restarts of the guest's processes."""
+        await self.request("hold")
 
     async def stop(self, grace: float) -> None:
         """Stop every process (SIGTERM, ``grace`` s, SIGKILL) and power the guest off."""

@@ -30,13 +30,29 @@ def find_port(name: str = PORT_NAME, ports: str = PORTS) -> str:
 
 
 class Service:
-    """A process started at boot (a container, until the pod runtime runs inside)."""
+    """A process started at boot (a container), restarted by its ``restart`` policy.
 
-    def __init__(self, name: str, logs: LogBuffer) -> None:
+    The policy is Kubernetes': ``Always``, ``OnFailure`` (a non-zero exit) or
+    ``Never``; a restart waits ``backoff`` seconds, doubling up to ``backoff_cap``.
+    """
+
+    def __init__(self, name: str, logs: LogBuffer, spec: dict[str, Any]) -> None:
         self.name = name
         self.logs = logs
+        self.spec = spec
         self.process: Process | None = None
         self.followers: list[tuple[Any, int]] = []
+        self.restarts = 0
+        self.restarting = False
+
+    def wants_restart(self) -> bool:
+        assert self.process is not None
+        policy = self.spec.get("restart", "Never")
+        return policy == "Always" or (policy == "OnFailure" and self.process.exit_code != 0)
+
+    def backoff(self) -> float:
+        base = float(self.spec.get("backoff", 1.0))
+        return float(min(base * 2**self.restarts, float(self.spec.get("backoff_cap", 10.0))))
 
     def status(self) -> dict[str, Any]:
         process = self.process
@@ -46,6 +62,8 @@ class Service:
             "pid": process.pid,
             "exit_code": process.exit_code if process.done else None,
             "dropped_log_records": self.logs.dropped,
+            "restarts": self.restarts,
+            "restarting": self.restarting,
         }
 
 
@@ -71,6 +89,8 @@ class ControlServer:
         self._buffer = b""
         self._discarding = False
         self.services: dict[str, Service] = {}
+        self.holding = False
+        """Set by ``hold`` and ``stop``: no more restarts."""
         supervisor.on_signal = self._forward
         supervisor.loop.add_reader(fd, self._readable)
 
@@ -81,9 +101,13 @@ class ControlServer:
             data = data[os.write(self._fd, data) :]
 
     def start(self, spec: dict[str, Any]) -> None:
-        """Start one boot-time process whose output becomes log records."""
-        service = Service(str(spec["name"]), LogBuffer(self._max_lines))
-        self.services[service.name] = service
+        """Start one boot-time process whose output becomes log records (kept across
+        restarts)."""
+        service = self.services.get(str(spec["name"]))
+        if service is None:
+            service = Service(str(spec["name"]), LogBuffer(self._max_lines), spec)
+            self.services[service.name] = service
+        service.restarting = False
         service.process = self._supervisor.spawn(
             [str(arg) for arg in spec["argv"]],
             {str(k): str(v) for k, v in spec.get("env", {}).items()},
@@ -104,10 +128,22 @@ class ControlServer:
 
     def _service_done(self, service: Service) -> None:
         service.logs.flush()
+        if not self.holding and service.wants_restart():
+            service.restarting = True
+            delay = service.backoff()
+            service.restarts += 1
+            self._supervisor.loop.call_later(delay, lambda: self._restart(service))
         self._feed_followers(service)
 
+    def _restart(self, service: Service) -> None:
+        if self.holding:
+            service.restarting = False
+            self._feed_followers(service)
+            return
+        self.start(service.spec)
+
     def _feed_followers(self, service: Service) -> None:
-        finished = service.process is not None and service.process.done
+        finished = service.process is not None and service.process.done and not service.restarting
         remaining = []
         for request_id, position in service.followers:
             for record in service.logs.since(position):
@@ -229,7 +265,13 @@ class ControlServer:
             return
         self._feed_followers(service)
 
+    def _op_hold(self, request_id: Any, request: dict[str, Any]) -> None:
+        """No more restarts (before the host stops the containers one by one)."""
+        self.holding = True
+        self.send({"id": request_id, "ok": True, "result": None})
+
     def _op_stop(self, request_id: Any, request: dict[str, Any]) -> None:
+        self.holding = True
         alive = [s.process for s in self.services.values() if s.process and not s.process.done]
         loop = self._supervisor.loop
 
