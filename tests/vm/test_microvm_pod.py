@@ -197,3 +197,35 @@ async def test_fault_at_each_step_before_the_vm_leaves_nothing(paths: Paths, ste
         await MicroVmPodRuntime(paths, fault_hook=hook).run_pod(spec)
     assert caught.value.step == step
     assert _leftovers(paths) == {}
+
+
+async def test_restart_policy_is_applied_in_the_guest(paths: Paths) -> None:
+    await build_demo_images(paths)
+    command = (
+        "if [ -f /data/once ]; then echo second; exec sleep 1000; fi; "
+        "touch /data/once; echo first; exit 1"
+    )
+    container = busybox("app", command, "    volumeMounts: [{name: shared, mountPath: /data}]\n")
+    spec = PodSpec.from_yaml(pod_yaml(unique("vm"), container, TWO, restart="OnFailure"))
+    runtime = MicroVmPodRuntime(paths, restart_backoff=0.2)
+    handle = await runtime.run_pod(spec)
+    try:
+        for _ in range(300):
+            status = await runtime.pod_status(handle.id)
+            if status.containers[0].state == "running" and status.containers[0].restart_count:
+                break
+            await asyncio.sleep(0.1)
+        assert status.phase is PodPhase.RUNNING
+        assert status.containers[0].restart_count == 1
+        for _ in range(300):  # the restarted container writes a moment after it runs
+            lines = [x.text async for x in runtime.logs(handle.id)]
+            if len(lines) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert lines == ["first", "second"]
+        await runtime.stop_pod(handle.id, grace=0)
+        stopped = (await runtime.pod_status(handle.id)).containers[0]
+        assert (stopped.state, stopped.exit_code) == ("terminated", 137)
+    finally:
+        await runtime.delete_pod(handle.id, force=True)
+    assert _leftovers(paths) == {}

@@ -24,7 +24,14 @@ from typing import Any, cast
 
 from ..errors import BackendFailed, InvalidArgument, PodNotFound
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, ProgressCallback
-from ..platform._limits import EXEC_TIMEOUT, MAX_VCPUS, MAX_VM_MEMORY_MIB, VM_BOOT_TIMEOUT
+from ..platform._limits import (
+    EXEC_TIMEOUT,
+    MAX_VCPUS,
+    MAX_VM_MEMORY_MIB,
+    RESTART_BACKOFF_BASE,
+    RESTART_BACKOFF_CAP,
+    VM_BOOT_TIMEOUT,
+)
 from ..platform._paths import Paths
 from ..runtime import ExecResult
 from ..runtime._microvm import CRUN, ask, ask_one, exec_result, spawn_keeper, vm_alive
@@ -68,6 +75,8 @@ class MicroVmPodRuntime(PodRuntimeBase):
             the only kind built so far, named in the pod's status.
         boot_timeout: seconds the guest has to report every container running.
         progress: receives pull progress events.
+        restart_backoff: seconds before vminit's first restart of a container (doubling).
+        never_ready: test-only: the guest never reports ready (the boot deadline).
     """
 
     name = "microvm"
@@ -82,9 +91,10 @@ class MicroVmPodRuntime(PodRuntimeBase):
         network: str | None = None,
         boot_timeout: float = VM_BOOT_TIMEOUT,
         progress: ProgressCallback | None = None,
+        restart_backoff: float = RESTART_BACKOFF_BASE,
         never_ready: bool = False,
     ) -> None:
-        super().__init__(paths, fault_hook=fault_hook)
+        super().__init__(paths, fault_hook=fault_hook, restart_backoff=restart_backoff)
         if network not in (None, "user"):
             raise InvalidArgument(
                 f"unknown microVM network {network!r}",
@@ -208,7 +218,16 @@ class MicroVmPodRuntime(PodRuntimeBase):
             bundle = self.paths.bundles / cid
             shares += [str(bundle), str(rootfs[c.name])]
             argv = [*CRUN, "run", "--bundle", str(bundle), cid]
-            processes.append({"name": c.name, "cid": cid, "argv": argv})
+            processes.append(
+                {
+                    "name": c.name,
+                    "cid": cid,
+                    "argv": argv,
+                    "restart": spec.restart_policy.value,
+                    "backoff": self.restart_backoff,
+                    "backoff_cap": RESTART_BACKOFF_CAP,
+                }
+            )
         forwards = sorted(
             {
                 (p.host_port, p.container_port)
@@ -238,21 +257,25 @@ class MicroVmPodRuntime(PodRuntimeBase):
         infos = []
         for c in record.spec.containers:
             found = guest.get(c.name)
+            count = 0 if found is None else int(found.get("restarts", 0))
             if found is None or (found["state"] == "running" and not running):
-                infos.append(
-                    ContainerInfo(c.name, c.image, "waiting", None, "VmGone" if found else
-                                  "ContainerCreating", None, None, 0, False)
-                )  # fmt: skip
+                reason = "VmGone" if found else "ContainerCreating"
+                info = ContainerInfo(c.name, c.image, "waiting", None, reason, None, None, 0, False)
             elif found["state"] == "running":
-                infos.append(
-                    ContainerInfo(c.name, c.image, "running", None, None, None, None, 0, False)
+                info = ContainerInfo(
+                    c.name, c.image, "running", None, None, None, None, count, False
+                )
+            elif found.get("restarting") and running:
+                info = ContainerInfo(
+                    c.name, c.image, "waiting", None, "CrashLoopBackOff", None, None, count, False
                 )
             else:
                 code = int(found["exit_code"])
                 reason = "Completed" if code == 0 else ("Killed" if code == 137 else "Error")
-                infos.append(
-                    ContainerInfo(c.name, c.image, "terminated", code, reason, None, None, 0, False)
+                info = ContainerInfo(
+                    c.name, c.image, "terminated", code, reason, None, None, count, False
                 )
+            infos.append(info)
         net = f"network {self.network}, accelerator {state.get('accel', '?')}"
         if record.state == "creating":
             phase = PodPhase.PENDING if record.owner_alive() else PodPhase.UNKNOWN
@@ -265,7 +288,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
             phase, message = (PodPhase.SUCCEEDED if ok else PodPhase.FAILED), f"stopped; {net}"
         elif not running:
             phase, message = PodPhase.FAILED, f"the VM is gone (QEMU exited); {net}"
-        elif any(i.state == "running" for i in infos):
+        elif any(i.state in ("running", "waiting") for i in infos):
             phase, message = PodPhase.RUNNING, net
         else:
             ok = all(i.exit_code == 0 for i in infos)

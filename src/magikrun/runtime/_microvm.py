@@ -229,7 +229,14 @@ class _Keeper:
             vcpus=plan["vcpus"],
             memory_mib=plan["memory_mib"],
             processes=tuple(
-                GuestProcess(name=p["name"], argv=tuple(p["argv"])) for p in plan["processes"]
+                GuestProcess(
+                    name=p["name"],
+                    argv=tuple(p["argv"]),
+                    restart=p.get("restart", "Never"),
+                    backoff=float(p.get("backoff", 1.0)),
+                    backoff_cap=float(p.get("backoff_cap", 10.0)),
+                )
+                for p in plan["processes"]
             ),
             network=network,
             boot_timeout=float(plan["boot_timeout"]),
@@ -254,6 +261,11 @@ class _Keeper:
         out = await self.vm.client.exec([*CRUN, "state", self.cids[name]])
         return out.exit_code == 0 and json.loads(out.stdout).get("status") == "running"
 
+    async def has_run(self, name: str) -> bool:
+        """Whether the container has run: crun runs it, or it already ended (or restarts)."""
+        info = self.containers[name]
+        return info["state"] != "running" or info["restarts"] > 0 or await self.created(name)
+
     async def boot(self) -> None:
         """Boot; return once every container runs (or, gated, waits at its gate)."""
         qemu_pid = self.directory / "qemu.pid"
@@ -271,8 +283,13 @@ class _Keeper:
         deadline = loop.time() + self.vm.config.boot_timeout
         while True:
             await self.refresh()
-            failed = {n: i for n, i in self.containers.items() if i["state"] != "running"}
-            if failed or all([await self.created(n) for n in self.names]):
+            failed = {
+                n: i
+                for n, i in self.containers.items()
+                if i["state"] != "running" and i["exit_code"] != 0 and not i["restarts"]
+                and not i["restarting"]
+            }  # fmt: skip
+            if failed or all([await self.has_run(n) for n in self.names]):
                 break
             if loop.time() > deadline:
                 raise VmBootFailed(
@@ -366,6 +383,7 @@ class _Keeper:
 
     async def stop(self, grace: float) -> None:
         """TERM then KILL each container; keep codes and logs on the host; power off."""
+        await self.vm.client.hold()
         for sig, wait in (("TERM", grace), ("KILL", _KILL_WAIT)):
             await self.refresh()
             running = [n for n, i in self.containers.items() if i["state"] == "running"]
