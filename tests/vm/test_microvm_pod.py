@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -13,7 +15,7 @@ import pytest
 from magikrun.errors import BackendFailed, PodError, PodStartFailed
 from magikrun.image import build_demo_images
 from magikrun.platform import Paths
-from magikrun.pod import PodPhase, PodSpec, open_pod_runtime
+from magikrun.pod import PodPhase, PodSpec, open_pod_runtime, recover_pods
 from magikrun.pod._microvm import MicroVmPodRuntime, vm_size
 
 from ..pod._podkit import BUSYBOX, PodEnv, busybox, pod_yaml, unique
@@ -228,4 +230,32 @@ async def test_restart_policy_is_applied_in_the_guest(paths: Paths) -> None:
         assert (stopped.state, stopped.exit_code) == ("terminated", 137)
     finally:
         await runtime.delete_pod(handle.id, force=True)
+    assert _leftovers(paths) == {}
+
+
+async def test_creator_killed_during_boot_gc_ends_the_orphaned_qemu(
+    paths: Paths, tmp_path: Path
+) -> None:
+    await build_demo_images(paths)
+    name = unique("vm")
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_bytes(pod_yaml(name, busybox("app", "sleep 1000")))
+    env = {**os.environ, "MAGIKRUN_ROOT": str(paths.data)}
+    magikrun = str(Path(sys.executable).parent / "magikrun")
+    creator = subprocess.Popen(
+        [magikrun, "pod", "run", "--runtime", "microvm", str(manifest)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        qemu_pid = paths.run / "pods" / f"default_{name}" / "vm" / "qemu.pid"
+        for _ in range(600):
+            if qemu_pid.exists() or creator.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert qemu_pid.exists(), "QEMU was not started"
+    finally:
+        creator.kill()
+        creator.wait()
+    assert _processes(paths)  # the keeper and QEMU outlive their creator
+    assert await recover_pods(paths) == [f"default_{name}"]
     assert _leftovers(paths) == {}
