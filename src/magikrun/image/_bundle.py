@@ -261,8 +261,9 @@ class Bundle:
 class BundleBuilder:
     """Builds OCI and Wasm bundles under one magikrun root.
 
-    Builds are synchronous file work; call them through ``asyncio.to_thread``
-    from a loop that must stay responsive while a large module is copied.
+    Builds are synchronous file work; call them through
+    ``magikrun._threads.finish_in_thread`` from a loop that must stay responsive while
+    a large module is copied (a pooled thread would keep the caller from forking monitors).
 
     Parameters:
         paths: the magikrun root; bundles default to ``paths.bundles / NAME`` and the
