@@ -146,3 +146,15 @@ def test_frames_are_bounded() -> None:
         encode({"op": "ping", "id": 1}, 10)
     with pytest.raises(ValueError, match="JSON object"):
         decode(b"[1]\n")
+
+
+def test_guest_tmp_and_run_are_mounted_before_shares_that_live_under_them() -> None:
+    """A checkout under /tmp (as CI's fresh clones are) must not be hidden by the guest's
+    own /tmp tmpfs: the tmpfs goes first and the share is mounted inside it."""
+    shares = (("magikrun.0", "/usr"), ("magikrun.1", "/tmp/clone/src/magikrun"))
+    script = early_init_script("/usr/bin/python3", "/tmp/clone/src/magikrun", shares).decode()
+    tmpfs = script.index("tmp /sysroot/tmp")
+    run = script.index("run /sysroot/run")
+    share = script.index("magikrun.1 /sysroot/tmp/clone/src/magikrun")
+    assert tmpfs < share and run < share
+    assert script.count("/sysroot/tmp ||") == 1

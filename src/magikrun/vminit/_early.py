@@ -69,6 +69,8 @@ while read m; do $B insmod /modules/$m || fail "insmod $m failed"; done < /modul
 $B mount -t tmpfs -o mode=0755 root /sysroot || fail "cannot mount the root"
 $B mkdir /sysroot/etc /sysroot/proc /sysroot/sys /sysroot/dev /sysroot/run /sysroot/tmp
 $B mkdir -m 0700 /sysroot/root
+$B mount -t tmpfs -o mode=0755,nosuid,nodev run /sysroot/run || fail "cannot mount /run"
+$B mount -t tmpfs -o mode=1777,nosuid,nodev tmp /sysroot/tmp || fail "cannot mount /tmp"
 {mounts}
 echo "root:x:0:0:root:/root:/bin/sh" > /sysroot/etc/passwd
 echo "root:x:0:" > /sysroot/etc/group
@@ -76,7 +78,6 @@ echo "127.0.0.1 localhost" > /sysroot/etc/hosts
 echo "magikrun-vm" > /sysroot/etc/hostname
 $B hostname magikrun-vm
 $B mount -o remount,ro /sysroot
-$B mount -t tmpfs -o mode=0755,nosuid,nodev run /sysroot/run || fail "cannot mount /run"
 $B mkdir -m 0700 /sysroot/run/magikrun-vm
 $B cp /vm/config.json /sysroot{CONFIG_PATH}
 $B mount -t proc -o nosuid,nodev,noexec proc /sysroot/proc
@@ -85,7 +86,6 @@ $B mount -t devtmpfs -o nosuid,mode=0755 dev /sysroot/dev
 $B mkdir -p /sysroot/dev/pts /sysroot/dev/shm
 $B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /sysroot/dev/pts
 $B mount -t tmpfs -o mode=1777,nosuid,nodev shm /sysroot/dev/shm
-$B mount -t tmpfs -o mode=1777,nosuid,nodev tmp /sysroot/tmp
 $B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sysroot/sys/fs/cgroup
 exec $B switch_root /sysroot {q(python)} -I -S -c {q(bootstrap)} {CONFIG_PATH}
 """.encode()
