@@ -35,6 +35,7 @@ from ..errors import (
     NotSupported,
     RuntimeUnavailable,
     VmBootFailed,
+    VmControlError,
 )
 from ..platform._limits import VM_BOOT_TIMEOUT, VM_CONTROL_TIMEOUT
 from ..platform._paths import Paths
@@ -61,6 +62,8 @@ GUEST_GATEWAY = "10.0.2.2"
 _BUSYBOX = "/bin/busybox"
 _GATE = "/run/magikrun-gate"
 _POLL = 0.2
+_VM_END_WAIT = 5.0
+"""Seconds a keeper gives a guest whose channel closed to finish powering off."""
 _KILL_WAIT = 10.0
 _KEEPER_BOOTSTRAP = """
 import json, os, sys
@@ -362,8 +365,19 @@ class _Keeper:
         name = self.names[0]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + VM_CONTROL_TIMEOUT
-        while not await self.created(name):
-            await self.refresh()
+        while True:
+            try:
+                if await self.created(name):
+                    return
+                await self.refresh()
+            except VmControlError:
+                # A container that exits at once can end its VM before it is seen
+                # running; the keeper's watch records its exit code.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.vm.wait(), timeout=_VM_END_WAIT)
+                if self.vm.alive:
+                    raise
+                return
             if self.containers[name]["state"] != "running":
                 return
             if loop.time() > deadline:
