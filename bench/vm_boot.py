@@ -149,7 +149,7 @@ def main() -> None:
         }
         if args.microvm:
             variants["bare, microvm instead of q35"] = (micro, kernel.vmlinux, initramfs_for(micro))
-        for name, (variant, image, rd) in variants.items():
+        for name, (variant, image, rd) in variants.items() if args.variant_runs else ():
             times: list[float | None] = []
             paired: list[float | None] = []
             for _ in range(args.variant_runs):  # each paired with a default bare boot
