@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from .. import _process
 from ..errors import (
@@ -46,6 +46,9 @@ from ._spec import Container, PodSpec, RestartPolicy
 from ._state import PodRecord, PodStore, Resource
 from ._types import ContainerInfo, LogLine, PodPhase, PodStatus, RuntimeName
 from ._undo import read_pid_file, recover_pods, stop_process, undo_all, undo_resource
+
+if TYPE_CHECKING:
+    from ..image import Image, ImageService, ProgressCallback
 
 __all__ = ["PodRuntimeBase", "container_id", "infra_id", "together"]
 
@@ -108,6 +111,8 @@ class PodRuntimeBase:
 
     name: str
     backend: Literal["native", "wasm"]
+    images: ImageService
+    progress: ProgressCallback | None
 
     def __init__(
         self,
@@ -124,6 +129,28 @@ class PodRuntimeBase:
         self._recovered = False
 
     # -- the pieces subclasses use -------------------------------------------------
+
+    async def _pull_all(self, spec: PodSpec, where: _Where) -> dict[str, Image]:
+        """Every image the pod names, each pulled once, concurrently; the first container
+        whose image fails is named in ``where``."""
+        wanted: dict[str, Container] = {}
+        for c in (*spec.init_containers, *spec.containers):
+            wanted.setdefault(c.image, c)
+        images: dict[str, Image] = {}
+
+        async def pull(container: Container) -> None:
+            try:
+                images[container.image] = await self.images.pull(
+                    container.image,
+                    policy=container.image_pull_policy.value,
+                    progress=self.progress,
+                )
+            except Exception:  # the first to fail is named (siblings are not cancelled)
+                where.container = where.container or container.name
+                raise
+
+        await together([pull(c) for c in wanted.values()])
+        return images
 
     async def _ready(self) -> None:
         if not self._recovered:

@@ -122,8 +122,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
         async with self._rollback(spec, where) as rollback:
             rollback.push("record", lambda: self._drop_record(pod, rollback))
             self._at(where, "pull")
-            images: dict[str, Image] = {}
-            await together([self._pull(c, images, where) for c in spec.containers])
+            images = await self._pull_all(spec, where)
             self._at(where, "bundle")
             await self._make(
                 rollback, pod, "poddir", pod, {"path": str(directory)},
@@ -153,15 +152,6 @@ class MicroVmPodRuntime(PodRuntimeBase):
             self.store.update(pod, state="ready")
             rollback.pop_all()
         return PodHandle(pod, spec.name, spec.namespace, "microvm", None)
-
-    async def _pull(self, c: Container, images: dict[str, Image], where: _Where) -> None:
-        try:
-            images[c.image] = await self.images.pull(
-                c.image, policy=c.image_pull_policy.value, progress=self.progress
-            )
-        except Exception:  # the first to fail is named (siblings are not cancelled)
-            where.container = where.container or c.name
-            raise
 
     async def _bundle(
         self,

@@ -226,26 +226,6 @@ class NativePodRuntime(PodRuntimeBase):
             rollback.pop_all()
         return PodHandle(pod, spec.name, spec.namespace, self.backend, ip or None)
 
-    async def _pull_all(self, spec: PodSpec, where: _Where) -> dict[str, Image]:
-        wanted: dict[str, Container] = {}
-        for c in (*spec.init_containers, *spec.containers):
-            wanted.setdefault(c.image, c)
-        images: dict[str, Image] = {}
-
-        async def pull(container: Container) -> None:
-            try:
-                images[container.image] = await self.images.pull(
-                    container.image,
-                    policy=container.image_pull_policy.value,
-                    progress=self.progress,
-                )
-            except Exception:  # the first to fail is named (siblings are not cancelled)
-                where.container = where.container or container.name
-                raise
-
-        await together([pull(c) for c in wanted.values()])
-        return images
-
     def _make_pod_dir(self, spec: PodSpec, directory: Path) -> None:
         """The pod's directory: etc files (filled once the IP is known), ns files, infra root."""
         directory.mkdir(mode=0o711, parents=True)

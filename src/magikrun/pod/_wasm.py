@@ -87,8 +87,7 @@ class WasmPodRuntime(PodRuntimeBase):
         async with self._rollback(spec, where) as rollback:
             rollback.push("record", lambda: self._drop_record(pod, rollback))
             self._at(where, "pull")
-            images: dict[str, Image] = {}
-            await together([self._pull(c, images, where) for c in everything])
+            images = await self._pull_all(spec, where)
             self._at(where, "bundle")
             await self._make(
                 rollback,
@@ -126,15 +125,6 @@ class WasmPodRuntime(PodRuntimeBase):
             self.store.update(pod, state="ready")
             rollback.pop_all()
         return PodHandle(pod, spec.name, spec.namespace, self.backend, None)
-
-    async def _pull(self, c: Container, images: dict[str, Image], where: _Where) -> None:
-        try:
-            images[c.image] = await self.images.pull(
-                c.image, policy=c.image_pull_policy.value, progress=self.progress
-            )
-        except Exception:  # the first to fail is named (siblings are not cancelled)
-            where.container = where.container or c.name
-            raise
 
     async def _bundle(
         self,
