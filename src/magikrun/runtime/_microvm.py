@@ -247,7 +247,7 @@ class _Keeper:
             shares=tuple((f"pod.{i}", path) for i, path in enumerate(plan["shares"])),
             setup=tuple(setup),
         )
-        self.vm = MicroVm(paths, config)
+        self.vm = MicroVm(paths, config, directory=self.directory / "qemu")
         self.containers: dict[str, Any] = {}
 
     def save(self, name: str, data: object) -> None:

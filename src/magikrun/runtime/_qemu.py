@@ -233,11 +233,13 @@ class MicroVm:
             out = await vm.client.exec(["uname", "-r"])
     """
 
-    def __init__(self, paths: Paths, config: VmConfig) -> None:
+    def __init__(self, paths: Paths, config: VmConfig, *, directory: Path | None = None) -> None:
         self.paths = paths
         self.config = config
         self.id = secrets.token_hex(8)
-        self.directory = paths.run / "vms" / self.id
+        # An owner that records its own directory (a pod's keeper) puts the VM's files
+        # inside it, so removing the owner's directory removes them even after a crash.
+        self.directory = directory if directory is not None else paths.run / "vms" / self.id
         self.accel = ""
         self.ready: dict[str, Any] = {}
         self.returncode: int | None = None
