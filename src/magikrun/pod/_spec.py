@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from ..errors import InvalidPodSpec, PodSpecTooLarge
 from ..platform._limits import (
+    DEFAULT_GRACE_PERIOD,
     MAX_CONTAINER_ID_LEN,
     MAX_IMAGE_REF_LEN,
     MAX_MEMORY_BYTES,
@@ -93,7 +94,7 @@ __all__ = [
 ]
 
 DEFAULT_NAMESPACE = "default"
-DEFAULT_TERMINATION_GRACE_PERIOD = 30
+DEFAULT_TERMINATION_GRACE_PERIOD = int(DEFAULT_GRACE_PERIOD)
 DEFAULT_CONFIG_MAP_MODE = 0o644
 DEFAULT_SECRET_MODE = 0o400
 """Kubernetes defaults secret files to 0644; magikrun keeps them owner-only."""
