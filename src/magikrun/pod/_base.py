@@ -39,13 +39,13 @@ from ..runtime import (
     OciRuntime,
 )
 from ..runtime._monitor import read_exit
-from ..runtime._store import process_start_time
+from ..runtime._store import process_start_time, read_pid_file, stop_pid_file
 from ._fault import FaultHook, fault_from_env
 from ._rollback import Rollback, describe
 from ._spec import Container, PodSpec, RestartPolicy
 from ._state import PodRecord, PodStore, Resource
 from ._types import ContainerInfo, LogLine, PodPhase, PodStatus, RuntimeName
-from ._undo import read_pid_file, recover_pods, stop_process, undo_all, undo_resource
+from ._undo import recover_pods, undo_all, undo_resource
 
 if TYPE_CHECKING:
     from ..image import Image, ImageService, ProgressCallback
@@ -385,7 +385,7 @@ class PodRuntimeBase:
         wait = float(spec.termination_grace_period_seconds if grace is None else grace)
         if wait < 0:
             raise InvalidArgument(f"grace {grace} is negative", hint="use 0 or more seconds")
-        await stop_process(pod_dir(self.paths, pod_id) / "supervisor.pid")
+        await stop_pid_file(pod_dir(self.paths, pod_id) / "supervisor.pid")
         link = await self._infra_link(pod_id)
         try:
             if link is not None:

@@ -35,13 +35,13 @@ from ..platform._limits import (
 from ..platform._paths import Paths
 from ..runtime import ExecResult
 from ..runtime._microvm import CRUN, ask, ask_one, exec_result, spawn_keeper, vm_alive
+from ..runtime._store import stop_pid_file
 from ._base import PodRuntimeBase, _Where, container_id, pod_dir, together
 from ._fault import FaultHook
 from ._rollback import Rollback
 from ._spec import Container, PodSpec, resolve_env
 from ._state import PodRecord
 from ._types import ContainerInfo, LogLine, PodHandle, PodPhase, PodStatus, RuntimeName
-from ._undo import stop_process
 from ._volumes import container_mounts, prepare_volumes
 
 __all__ = ["MicroVmPodRuntime", "vm_size"]
@@ -354,8 +354,8 @@ class MicroVmPodRuntime(PodRuntimeBase):
         vm_dir = _vm_dir(self.paths, pod_id)
         with contextlib.suppress(BackendFailed):
             await ask_one(vm_dir, {"op": "stop", "grace": wait})
-        await stop_process(vm_dir / "keeper.pid")
-        await stop_process(vm_dir / "qemu.pid")
+        await stop_pid_file(vm_dir / "keeper.pid")
+        await stop_pid_file(vm_dir / "qemu.pid")
         self.store.update(pod_id, state="stopped")
 
     async def delete_pod(self, pod_id: str, force: bool = False) -> None:

@@ -9,25 +9,22 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 from pathlib import Path
 
 from .._threads import finish_in_thread
 from ..errors import ContainerNotFound, MagikrunError, PodError
 from ..platform._paths import Paths
 from ..runtime import NativeRuntime, OciRuntime
-from ..runtime._store import process_start_time
+from ..runtime._store import stop_pid_file
 from ..storage import SnapshotStore
 from ._netns import delete_netns
 from ._network import PodNetwork
 from ._state import PodRecord, PodStore, Resource
 from ._volumes import remove_pod_dir
 
-__all__ = ["container_runtime", "recover_pods", "stop_process", "undo_resource"]
+__all__ = ["container_runtime", "recover_pods", "undo_resource"]
 
-_STOP_WAIT = 10.0
 _INDEPENDENT = frozenset({"container", "rootfs", "bundle"})
-_POLL = 0.02
 
 
 async def undo_resource(paths: Paths, resource: Resource) -> None:
@@ -53,7 +50,7 @@ async def undo_resource(paths: Paths, resource: Resource) -> None:
         network = PodNetwork(paths, bridge=str(data["bridge"]), subnet=str(data["subnet"]))
         await network.delete(resource.pod_id, Path(data["netns"]))
     elif kind == "supervisor":
-        await stop_process(Path(data["pid_file"]))
+        await stop_pid_file(Path(data["pid_file"]))
     else:
         raise PodError(
             f"pod {resource.pod_id} has a resource of unknown kind {kind!r}",
@@ -74,35 +71,6 @@ def container_runtime(paths: Paths, backend: str) -> OciRuntime:
 
         return WasmtimeRuntime(paths)
     return NativeRuntime(paths)
-
-
-def read_pid_file(pid_file: Path) -> tuple[int, int | None] | None:
-    """``(pid, start time)`` from a ``PID START`` file, or None if absent."""
-    try:
-        pid_text, _, start_text = pid_file.read_text().partition(" ")
-    except FileNotFoundError:
-        return None
-    return int(pid_text), int(start_text) if start_text.strip() else None
-
-
-async def stop_process(pid_file: Path) -> None:
-    """TERM the process a pid file names (if it is still that process), KILL after a wait."""
-    found = read_pid_file(pid_file)
-    if found is None:
-        return
-    pid, start = found
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process_start_time(pid) != start:
-            break
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            break
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _STOP_WAIT
-        while process_start_time(pid) == start and loop.time() < deadline:
-            await asyncio.sleep(_POLL)
-    pid_file.unlink(missing_ok=True)
 
 
 async def undo_all(paths: Paths, store: PodStore, record: PodRecord) -> list[str]:

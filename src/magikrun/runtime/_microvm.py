@@ -41,7 +41,7 @@ from ..platform._limits import VM_BOOT_TIMEOUT, VM_CONTROL_TIMEOUT
 from ..platform._paths import Paths
 from ._crun import load_bundle_config, rootfs_of
 from ._monitor import EXIT_FILE, LOG_FILE, rfc3339_nano
-from ._store import ContainerStore, process_start_time
+from ._store import ContainerStore, process_start_time, read_pid_file, stop_pid_file
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "ask_one",
     "keeper_main",
     "spawn_keeper",
-    "stop_pid_file",
 ]
 
 CRUN = ("crun", "--root", "/run/crun")
@@ -86,37 +85,10 @@ keeper_main(sys.argv[4:], status_fd)
 """Starts the keeper detached (double fork, own session); its pid file is out before imports."""
 
 
-def read_pid_file(path: Path) -> tuple[int, int | None] | None:
-    """``(pid, start time)`` from a ``PID START`` file, or None if absent."""
-    try:
-        pid_text, _, start_text = path.read_text().partition(" ")
-    except FileNotFoundError:
-        return None
-    return int(pid_text), int(start_text) if start_text.strip() else None
-
-
 def alive(path: Path) -> bool:
     """Whether the process a pid file names still runs (the same process, by start time)."""
     found = read_pid_file(path)
     return found is not None and process_start_time(found[0]) == found[1]
-
-
-async def stop_pid_file(path: Path) -> None:
-    """TERM the process a pid file names (if it is still that one), KILL after a wait."""
-    found = read_pid_file(path)
-    if found is None:
-        return
-    pid, start = found
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process_start_time(pid) != start:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _KILL_WAIT
-        while process_start_time(pid) == start and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-    path.unlink(missing_ok=True)
 
 
 async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> dict[str, Any]:

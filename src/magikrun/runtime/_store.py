@@ -9,6 +9,7 @@ refreshes its status from the monitor's exit record and pid liveness.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ __all__ = [
     "ContainerRecord",
     "ContainerStore",
     "process_start_time",
+    "read_pid_file",
+    "stop_pid_file",
     "validate_container_id",
     "write_pid_file",
 ]
@@ -46,6 +50,9 @@ __all__ = [
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _STATE_FILE = "state.json"
 _LOCK_FILE = ".lock"
+_STOP_WAIT = 10.0
+"""Seconds between TERM and KILL when stopping a process named by a pid file."""
+_STOP_POLL = 0.02
 
 _VERB_HINTS = {
     "start": "only a created container can be started; create it again to run it once more",
@@ -338,3 +345,33 @@ def write_pid_file(path: Path, pid: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(str(pid))
     tmp.rename(path)
+
+
+def read_pid_file(path: Path) -> tuple[int, int | None] | None:
+    """``(pid, start time)`` from a ``PID START`` file, or None if absent."""
+    try:
+        pid_text, _, start_text = path.read_text().partition(" ")
+    except FileNotFoundError:
+        return None
+    return int(pid_text), int(start_text) if start_text.strip() else None
+
+
+async def stop_pid_file(path: Path) -> None:
+    """TERM the process a pid file names (if it is still that process, by start time),
+    KILL it after ``_STOP_WAIT``, then remove the file."""
+    found = read_pid_file(path)
+    if found is None:
+        return
+    pid, start = found
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if process_start_time(pid) != start:
+            break
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STOP_WAIT
+        while process_start_time(pid) == start and loop.time() < deadline:
+            await asyncio.sleep(_STOP_POLL)
+    path.unlink(missing_ok=True)
