@@ -32,10 +32,7 @@ from .test_microvm_pod import _processes
 
 pytestmark = [pytest.mark.slow, needs_vm]
 
-WEB = (
-    "echo hello > /tmp/greeting; httpd -p 8080 -h /tmp; echo web up; "
-    "while true; do sleep 1; done"
-)
+WEB = "echo hello > /tmp/greeting; httpd -p 8080 -h /tmp; echo web up; while true; do sleep 1; done"
 
 
 @pytest.fixture
@@ -166,10 +163,8 @@ async def test_fault_after_each_network_step_leaves_nothing(net: PodEnv, step: s
 
 async def test_guest_never_ready_on_the_bridge_leaves_nothing(net: PodEnv) -> None:
     spec = _web_pod(_free_port())
-    runtime = MicroVmPodRuntime(
-        net.paths, pod_network=net.net, boot_timeout=15.0, never_ready=True
-    )
-    with pytest.raises(PodStartFailed, match="step boot.*did not report ready"):
+    runtime = MicroVmPodRuntime(net.paths, pod_network=net.net, boot_timeout=15.0, never_ready=True)
+    with pytest.raises(PodStartFailed, match=r"step boot.*did not report ready"):
         await runtime.run_pod(spec)
     assert _leftovers(net, spec.id) == {}
 
