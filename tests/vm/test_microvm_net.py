@@ -18,12 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from magikrun.errors import BackendFailed, PodNetworkError, PodStartFailed
+from magikrun.errors import BackendFailed, InvalidArgument, PodNetworkError, PodStartFailed
 from magikrun.image import build_demo_images
 from magikrun.platform import Paths
 from magikrun.pod import PodNetwork, PodPhase, PodSpec
 from magikrun.pod._microvm import MicroVmPodRuntime
 from magikrun.runtime._microvm import ask_one
+from magikrun.runtime._qemu import TapNetwork, VmConfig, qemu_argv
 from magikrun.runtime._tap import tap_unavailable_reason
 
 from ..pod._podkit import PodEnv, busybox, pod_yaml, unique
@@ -140,6 +141,8 @@ async def test_bridge_pod_ip_hostport_gateway_peer_and_open_port(net: PodEnv) ->
             await ask_one(vm_dir, request)
         with pytest.raises(BackendFailed, match="unknown protocol 'sctp'"):
             await ask_one(vm_dir, {**request, "protocol": "sctp"})
+        with pytest.raises(BackendFailed, match=r"port 70000 is outside 1\.\.65535"):
+            await ask_one(vm_dir, {**request, "host_port": 70000})
     finally:
         await runtime.delete_pod(handle.id, force=True)
         await native.delete_pod(peer.id, force=True)
@@ -225,3 +228,12 @@ async def test_bridge_unavailable_falls_back_or_fails_before_boot(
         await strict.run_pod(spec)
     assert _leftovers(net, spec.id) == {}
     assert await MicroVmPodRuntime(net.paths, pod_network=net.net)._choose_network() == "bridge"
+
+
+def test_tap_network_argv_hands_qemu_the_fd_and_the_mac() -> None:
+    tap = TapNetwork(netns="/n", mac="02:00:0a:59:00:05", address="10.89.0.5/16", gateway="g")
+    argv = qemu_argv(VmConfig(network=tap), "tcg", Path("k"), Path("i"), Path("c"), 3, 4, 9)
+    assert argv[argv.index("-netdev") + 1] == "tap,id=net0,fd=9"
+    assert "virtio-net-pci,netdev=net0,mac=02:00:0a:59:00:05" in argv
+    with pytest.raises(InvalidArgument, match="needs the tap's fd"):
+        qemu_argv(VmConfig(network=tap), "tcg", Path("k"), Path("i"), Path("c"), 3, 4)

@@ -4,7 +4,7 @@ The control channel to a VM's init is a socket only the process that started QEM
 holds, while the OCI verbs and ``magikrun pod`` commands come from short-lived
 processes. So a detached *keeper* process boots the VM from a ``plan.json`` in a
 private (0700) directory, reports ready or why not on a pipe, and then relays
-``exec``, ``status``, ``logs``, ``start``, ``kill`` and ``stop`` from a unix socket
+``exec``, ``status``, ``logs``, ``start``, ``kill``, ``stop`` and ``port`` from a unix socket
 there. Its pid file and QEMU's are written before anything else runs, so whoever
 cleans up (rollback, ``delete``, ``system gc``) can end an orphaned QEMU.
 
