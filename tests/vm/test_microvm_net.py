@@ -61,7 +61,10 @@ def _leftovers(env: PodEnv, pod_id: str) -> dict[str, list[str]]:
 
 
 def _web_pod(host_port: int) -> PodSpec:
-    ports = f"    ports: [{{containerPort: 8080, hostPort: {host_port}}}]\n"
+    ports = (
+        f"    ports: [{{containerPort: 8080, hostPort: {host_port}}}]\n"
+        "    env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]\n"
+    )
     return PodSpec.from_yaml(pod_yaml(unique("vn"), busybox("web", WEB, ports)))
 
 
@@ -117,6 +120,8 @@ async def test_bridge_pod_ip_hostport_gateway_peer_and_open_port(net: PodEnv) ->
         assert await _get(f"http://{handle.ip}:8080/greeting") == "hello\n"
         assert await _get(f"http://127.0.0.1:{host_port}/greeting") == "hello\n"
 
+        environ = await runtime.exec(handle.id, None, ["cat", "/proc/1/environ"])
+        assert f"POD_IP={handle.ip}".encode() in environ.stdout.split(b"\0")
         hosts = await runtime.exec(handle.id, None, ["cat", "/etc/hosts", "/etc/hostname"])
         assert f"{handle.ip}\t{spec.effective_hostname}" in hosts.stdout.decode()
         assert hosts.stdout.decode().endswith(f"{spec.effective_hostname}\n")

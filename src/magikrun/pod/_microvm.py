@@ -51,7 +51,7 @@ from ._hostfiles import etc_mounts, write_etc_files
 from ._netns import create_netns
 from ._network import NetworkStatus, PodNetwork, PortMapping
 from ._rollback import Rollback
-from ._spec import Container, PodSpec, resolve_env
+from ._spec import Container, PodSpec, RuntimeFields, resolve_env
 from ._state import PodRecord
 from ._types import ContainerInfo, LogLine, PodHandle, PodPhase, PodStatus, RuntimeName
 from ._volumes import container_mounts, prepare_volumes
@@ -140,6 +140,12 @@ class MicroVmPodRuntime(PodRuntimeBase):
             rollback.push("record", lambda: self._drop_record(pod, rollback))
             self._at(where, "pull")
             images = await self._pull_all(spec, where)
+            attached = None
+            if network == "bridge":
+                attached = await self._attach(rollback, spec, where)
+                self.store.update(pod, ip=attached.ip)
+            ip = attached.ip if attached else None
+            fields = RuntimeFields(pod_ip=ip or "", host_ip=attached.gateway if attached else "")
             self._at(where, "bundle")
             await self._make(
                 rollback, pod, "poddir", pod, {"path": str(directory)},
@@ -149,15 +155,10 @@ class MicroVmPodRuntime(PodRuntimeBase):
             rootfs: dict[str, Path] = {}
             await together(
                 [
-                    self._bundle(rollback, spec, c, images[c.image], volumes, rootfs, where)
+                    self._bundle(rollback, spec, c, images[c.image], volumes, rootfs, where, fields)
                     for c in spec.containers
                 ]
             )
-            attached = None
-            if network == "bridge":
-                attached = await self._attach(rollback, spec, where)
-                self.store.update(pod, ip=attached.ip)
-            ip = attached.ip if attached else None
             await finish_in_thread(write_etc_files, spec, directory / "etc", pod_ip=ip)
             self._at(where, "boot")
             plan = self._plan(spec, directory, rootfs, network, attached)
@@ -226,9 +227,10 @@ class MicroVmPodRuntime(PodRuntimeBase):
         volumes: dict[str, Path],
         rootfs: dict[str, Path],
         where: _Where,
+        fields: RuntimeFields,
     ) -> None:
         cid = container_id(spec.id, c.name)
-        env = resolve_env(c, spec)
+        env = resolve_env(c, spec, fields)
         env.setdefault("HOSTNAME", spec.effective_hostname)
         config = ContainerConfig(
             name=cid,
