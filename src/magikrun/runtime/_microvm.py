@@ -4,9 +4,10 @@ The control channel to a VM's init is a socket only the process that started QEM
 holds, while the OCI verbs and ``magikrun pod`` commands come from short-lived
 processes. So a detached *keeper* process boots the VM from a ``plan.json`` in a
 private (0700) directory, reports ready or why not on a pipe, and then relays
-``exec``, ``status``, ``logs``, ``start``, ``kill``, ``stop`` and ``port`` from a unix socket
-there. Its pid file and QEMU's are written before anything else runs, so whoever
-cleans up (rollback, ``delete``, ``system gc``) can end an orphaned QEMU.
+``exec``, ``status``, ``logs``, ``start``, ``kill``, ``stop`` and ``port`` (host
+port forwards) from a unix socket there. Its pid file and QEMU's are written before
+anything else runs, so whoever cleans up (rollback, ``delete``, ``system gc``) can end
+an orphaned QEMU.
 
 Inside the guest crun runs each container from a bundle the host built, shared over
 9p at its host path. ``MicroVmRuntime`` runs one container per VM: ``create`` boots
