@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 import subprocess
@@ -84,7 +85,9 @@ async def test_two_container_pod_exec_logs_hostport_stop_delete(paths: Paths) ->
         assert status.phase is PodPhase.RUNNING
         assert [c.state for c in status.containers] == ["running", "running"]
         assert status.message is not None and "accelerator tcg" in status.message
-        assert "network user" in status.message
+        assert "network bridge" in status.message
+        assert status.ip is not None and status.ip == handle.ip
+        assert ipaddress.ip_address(status.ip) in ipaddress.ip_network("10.89.0.0/16")
 
         shared = await runtime.exec(handle.id, "side", ["cat", "/data/greeting"])
         assert (shared.exit_code, shared.stdout) == (0, b"hello\n")

@@ -13,9 +13,10 @@ import os
 import socket
 from pathlib import Path
 
+from ..image import Mount
 from ._spec import DnsPolicy, PodSpec
 
-__all__ = ["etc_hostname", "etc_hosts", "etc_resolv_conf", "write_etc_files"]
+__all__ = ["etc_hostname", "etc_hosts", "etc_mounts", "etc_resolv_conf", "write_etc_files"]
 
 HOST_HOSTS = Path("/etc/hosts")
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
@@ -109,6 +110,14 @@ def _read_resolv_conf(
 
 def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
+
+
+def etc_mounts(directory: Path) -> list[Mount]:
+    """Read-only binds of the files :func:`write_etc_files` wrote in ``directory``."""
+    return [
+        Mount(destination=f"/etc/{name}", source=str(directory / name), options=("bind", "ro"))
+        for name in ("hosts", "resolv.conf", "hostname")
+    ]
 
 
 def write_etc_files(

@@ -8,8 +8,14 @@ bundles hold valid paths there; vminit mounts them and starts each container wit
 ``stop`` go. The keeper's and QEMU's pid files are pod resources recorded before
 either process exists, so rollback, ``delete`` and ``system gc`` end an orphaned QEMU.
 
-Networking is QEMU user-mode (``hostPort`` forwards on 127.0.0.1); the pod's status
-message names it and the accelerator. The tap-in-netns design is not built yet.
+The network is the native pods' own: a network namespace attached by the same CNI
+chain (bridge ``magikrun0``, host-local, portmap for ``hostPort``), with the same
+recorded resources, so rollback, ``delete`` and ``system gc`` undo it the same way.
+The VM's NIC is a tap inside that namespace, redirected to and from the CNI's ``eth0``
+(:mod:`magikrun.runtime._tap`); the guest takes the pod IP, so the pod IP and
+``hostPort`` reach the guest as they reach a native pod. Where that cannot be set up
+here, QEMU user-mode networking (``hostPort`` forwards on 127.0.0.1) stands in, and
+the pod's status message says so and why, next to the accelerator.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from ..errors import BackendFailed, InvalidArgument, PodNotFound
+from .._threads import finish_in_thread
+from ..errors import BackendFailed, InvalidArgument, PodNetworkError, PodNotFound
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, ProgressCallback
 from ..platform._limits import (
     EXEC_TIMEOUT,
@@ -36,10 +44,14 @@ from ..platform._paths import Paths
 from ..runtime import ExecResult
 from ..runtime._microvm import CRUN, ask, ask_one, exec_result, spawn_keeper, vm_alive
 from ..runtime._store import stop_pid_file
+from ..runtime._tap import tap_unavailable_reason
 from ._base import PodRuntimeBase, _Where, container_id, pod_dir, together
 from ._fault import FaultHook
+from ._hostfiles import etc_mounts, write_etc_files
+from ._netns import create_netns
+from ._network import NetworkStatus, PodNetwork, PortMapping
 from ._rollback import Rollback
-from ._spec import Container, PodSpec, resolve_env
+from ._spec import Container, PodSpec, RuntimeFields, resolve_env
 from ._state import PodRecord
 from ._types import ContainerInfo, LogLine, PodHandle, PodPhase, PodStatus, RuntimeName
 from ._volumes import container_mounts, prepare_volumes
@@ -48,6 +60,7 @@ __all__ = ["MicroVmPodRuntime", "vm_size"]
 
 _VM_OVERHEAD_MIB = 256
 _DEFAULT_CONTAINER_MIB = 128
+_CNI_PLUGINS = ("loopback", "host-local", "bridge", "portmap")
 
 
 def vm_size(spec: PodSpec) -> tuple[int, int]:
@@ -71,8 +84,10 @@ class MicroVmPodRuntime(PodRuntimeBase):
     Parameters:
         paths: the magikrun root.
         fault_hook: called with each step's name (tests); ``$MAGIKRUN_FAULT`` otherwise.
-        network: ``"user"`` (QEMU user-mode networking, hostPort forwards on 127.0.0.1);
-            the only kind built so far, named in the pod's status.
+        network: ``"bridge"`` (a tap in the pod's netns on the CNI bridge), ``"user"``
+            (QEMU user-mode networking, hostPort forwards on 127.0.0.1), or None: the
+            bridge where it can be set up here, user-mode otherwise (the status says why).
+        pod_network: the CNI network of bridge pods (default: ``PodNetwork(paths)``).
         boot_timeout: seconds the guest has to report every container running.
         progress: receives pull progress events.
         restart_backoff: seconds before vminit's first restart of a container (doubling).
@@ -89,18 +104,19 @@ class MicroVmPodRuntime(PodRuntimeBase):
         *,
         fault_hook: FaultHook | None = None,
         network: str | None = None,
+        pod_network: PodNetwork | None = None,
         boot_timeout: float = VM_BOOT_TIMEOUT,
         progress: ProgressCallback | None = None,
         restart_backoff: float = RESTART_BACKOFF_BASE,
         never_ready: bool = False,
     ) -> None:
         super().__init__(paths, fault_hook=fault_hook, restart_backoff=restart_backoff)
-        if network not in (None, "user"):
+        if network not in (None, "bridge", "user"):
             raise InvalidArgument(
-                f"unknown microVM network {network!r}",
-                hint="use 'user' (the tap-in-netns network is not built yet)",
+                f"unknown microVM network {network!r}", hint="use 'bridge', 'user' or None"
             )
-        self.network = "user"
+        self.network = network
+        self.pod_network = pod_network or PodNetwork(paths)
         self.boot_timeout = boot_timeout
         self.never_ready = never_ready
         self.images = ImageService(paths)
@@ -115,6 +131,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
                 hint="run this pod with runtimeClassName: magikrun-native",
             )
         await self._ready()
+        network = await self._choose_network()
         record = self.store.create(spec, self.name)
         pod = record.id
         where = _Where()
@@ -123,6 +140,12 @@ class MicroVmPodRuntime(PodRuntimeBase):
             rollback.push("record", lambda: self._drop_record(pod, rollback))
             self._at(where, "pull")
             images = await self._pull_all(spec, where)
+            attached = None
+            if network == "bridge":
+                attached = await self._attach(rollback, spec, where)
+                self.store.update(pod, ip=attached.ip)
+            ip = attached.ip if attached else None
+            fields = RuntimeFields(pod_ip=ip or "", host_ip=attached.gateway if attached else "")
             self._at(where, "bundle")
             await self._make(
                 rollback, pod, "poddir", pod, {"path": str(directory)},
@@ -132,12 +155,13 @@ class MicroVmPodRuntime(PodRuntimeBase):
             rootfs: dict[str, Path] = {}
             await together(
                 [
-                    self._bundle(rollback, spec, c, images[c.image], volumes, rootfs, where)
+                    self._bundle(rollback, spec, c, images[c.image], volumes, rootfs, where, fields)
                     for c in spec.containers
                 ]
             )
+            await finish_in_thread(write_etc_files, spec, directory / "etc", pod_ip=ip)
             self._at(where, "boot")
-            plan = self._plan(spec, directory, rootfs)
+            plan = self._plan(spec, directory, rootfs, network, attached)
             vm_dir = _vm_dir(self.paths, pod)
             await self._make(
                 rollback, pod, "supervisor", f"{pod}.keeper",
@@ -151,7 +175,48 @@ class MicroVmPodRuntime(PodRuntimeBase):
             )  # fmt: skip
             self.store.update(pod, state="ready")
             rollback.pop_all()
-        return PodHandle(pod, spec.name, spec.namespace, "microvm", None)
+        return PodHandle(pod, spec.name, spec.namespace, "microvm", ip)
+
+    async def _choose_network(self) -> str:
+        """``bridge``, or ``user (why)``; an explicit bridge that cannot work fails here."""
+        if self.network == "user":
+            return "user (requested)"
+        missing = [
+            p for p in _CNI_PLUGINS if not os.access(self.pod_network.plugin_dir / p, os.X_OK)
+        ]
+        reason = (
+            f"CNI plugins missing from {self.pod_network.plugin_dir}: {', '.join(missing)}"
+            if missing
+            else await tap_unavailable_reason()
+        )
+        if reason is None:
+            return "bridge"
+        if self.network == "bridge":
+            raise PodNetworkError(
+                f"a microVM pod cannot be put on the bridge here: {reason}",
+                hint="install what is missing, or run the pod with network 'user'",
+            )
+        return f"user ({reason})"
+
+    async def _attach(self, rollback: Rollback, spec: PodSpec, where: _Where) -> NetworkStatus:
+        """The pod's netns on the CNI bridge with its host ports, as native pods get it."""
+        pod = spec.id
+        netns = self.pod_network.netns_path(pod)
+        self._at(where, "netns")
+        await self._make(
+            rollback, pod, "netns", pod, {"path": str(netns)},
+            lambda: finish_in_thread(create_netns, netns),
+        )  # fmt: skip
+        self._at(where, "network")
+        data = {
+            "bridge": self.pod_network.bridge,
+            "subnet": self.pod_network.subnet,
+            "netns": str(netns),
+        }
+        return await self._make(
+            rollback, pod, "network", pod, data,
+            lambda: self.pod_network.add(pod, netns, PortMapping.from_spec(spec)),
+        )  # fmt: skip
 
     async def _bundle(
         self,
@@ -162,9 +227,10 @@ class MicroVmPodRuntime(PodRuntimeBase):
         volumes: dict[str, Path],
         rootfs: dict[str, Path],
         where: _Where,
+        fields: RuntimeFields,
     ) -> None:
         cid = container_id(spec.id, c.name)
-        env = resolve_env(c, spec)
+        env = resolve_env(c, spec, fields)
         env.setdefault("HOSTNAME", spec.effective_hostname)
         config = ContainerConfig(
             name=cid,
@@ -172,7 +238,10 @@ class MicroVmPodRuntime(PodRuntimeBase):
             args=c.args,
             env=env,
             working_dir=c.working_dir,
-            mounts=container_mounts(c, spec, volumes),
+            mounts=[
+                *etc_mounts(pod_dir(self.paths, spec.id) / "etc"),
+                *container_mounts(c, spec, volumes),
+            ],
             annotations={
                 "io.kubernetes.pod.name": spec.name,
                 "io.kubernetes.pod.namespace": spec.namespace,
@@ -199,8 +268,15 @@ class MicroVmPodRuntime(PodRuntimeBase):
             where.container = where.container or c.name
             raise
 
-    def _plan(self, spec: PodSpec, directory: Path, rootfs: dict[str, Path]) -> dict[str, Any]:
-        """What the keeper boots: shares, the containers' crun commands, size, forwards."""
+    def _plan(
+        self,
+        spec: PodSpec,
+        directory: Path,
+        rootfs: dict[str, Path],
+        network: str,
+        attached: NetworkStatus | None,
+    ) -> dict[str, Any]:
+        """What the keeper boots: shares, the containers' crun commands, size, network."""
         shares = [str(directory)]
         processes = []
         for c in spec.containers:
@@ -226,13 +302,31 @@ class MicroVmPodRuntime(PodRuntimeBase):
                 if p.host_port
             }
         )
+        tap = None
+        if attached is not None:
+            if not attached.mac:
+                raise PodNetworkError(
+                    f"the CNI result for pod {spec.id} names no MAC for {attached.interface}",
+                    pod_id=spec.id,
+                )
+            tap = {
+                "netns": str(self.pod_network.netns_path(spec.id)),
+                "mac": attached.mac,
+                "address": f"{attached.ip}/{attached.prefix_length}",
+                "gateway": attached.gateway,
+                "pod_id": spec.id,
+                "bridge": self.pod_network.bridge,
+                "subnet": self.pod_network.subnet,
+            }
         vcpus, memory = vm_size(spec)
         return {
             "vcpus": vcpus,
             "memory_mib": memory,
             "shares": shares,
             "processes": processes,
-            "forwards": forwards,
+            "network": network,
+            "forwards": None if tap else forwards,
+            "tap": tap,
             "boot_timeout": self.boot_timeout,
             "never_ready": self.never_ready,
         }
@@ -242,6 +336,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
     def _status(self, record: PodRecord) -> PodStatus:
         vm_dir = _vm_dir(self.paths, record.id)
         state = _read_json(vm_dir / "state.json")
+        network = _read_json(vm_dir / "plan.json").get("network", "?")
         running = vm_alive(vm_dir)
         guest = cast(dict[str, dict[str, Any]], state.get("containers", {}))
         infos = []
@@ -266,7 +361,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
                     c.name, c.image, "terminated", code, reason, None, None, count, False
                 )
             infos.append(info)
-        net = f"network {self.network}, accelerator {state.get('accel', '?')}"
+        net = f"network {network}, accelerator {state.get('accel', '?')}"
         if record.state == "creating":
             phase = PodPhase.PENDING if record.owner_alive() else PodPhase.UNKNOWN
             message = net

@@ -33,7 +33,7 @@ from ..platform._paths import Paths
 from ..runtime import ExecResult, NativeRuntime
 from ._base import PodRuntimeBase, _Where, container_id, infra_id, pod_dir, together
 from ._fault import FaultHook
-from ._hostfiles import write_etc_files
+from ._hostfiles import etc_mounts, write_etc_files
 from ._netns import create_netns
 from ._network import PodNetwork, PortMapping
 from ._rollback import Rollback
@@ -261,11 +261,6 @@ class NativePodRuntime(PodRuntimeBase):
         namespaces["uts"] = str(directory / "ns" / "uts")
         if spec.share_process_namespace:
             namespaces["pid"] = str(directory / "ns" / "pid")
-        etc = directory / "etc"
-        mounts = [
-            Mount(destination=f"/etc/{n}", source=str(etc / n), options=("bind", "ro"))
-            for n in ("hosts", "resolv.conf", "hostname")
-        ]
         env = resolve_env(c, spec, RuntimeFields(pod_ip=ip, host_ip="127.0.0.1"))
         env.setdefault("HOSTNAME", spec.effective_hostname)
         return ContainerConfig(
@@ -285,7 +280,7 @@ class NativePodRuntime(PodRuntimeBase):
                 cpu_millicores=c.resources.limits.cpu_millicores,
             ),
             namespaces=namespaces,
-            mounts=[*mounts, *container_mounts(c, spec, volumes)],
+            mounts=[*etc_mounts(directory / "etc"), *container_mounts(c, spec, volumes)],
             annotations={
                 "io.kubernetes.pod.name": spec.name,
                 "io.kubernetes.pod.namespace": spec.namespace,

@@ -4,9 +4,10 @@ The control channel to a VM's init is a socket only the process that started QEM
 holds, while the OCI verbs and ``magikrun pod`` commands come from short-lived
 processes. So a detached *keeper* process boots the VM from a ``plan.json`` in a
 private (0700) directory, reports ready or why not on a pipe, and then relays
-``exec``, ``status``, ``logs``, ``start``, ``kill`` and ``stop`` from a unix socket
-there. Its pid file and QEMU's are written before anything else runs, so whoever
-cleans up (rollback, ``delete``, ``system gc``) can end an orphaned QEMU.
+``exec``, ``status``, ``logs``, ``start``, ``kill``, ``stop`` and ``port`` (host
+port forwards) from a unix socket there. Its pid file and QEMU's are written before
+anything else runs, so whoever cleans up (rollback, ``delete``, ``system gc``) can end
+an orphaned QEMU.
 
 Inside the guest crun runs each container from a bundle the host built, shared over
 9p at its host path. ``MicroVmRuntime`` runs one container per VM: ``create`` boots
@@ -179,8 +180,9 @@ class _Keeper:
 
     def __init__(self, paths: Paths, directory: Path) -> None:
         from ..vminit import GuestProcess
-        from ._qemu import MicroVm, UserNetwork, VmConfig
+        from ._qemu import MicroVm, TapNetwork, UserNetwork, VmConfig
 
+        self.paths = paths
         self.directory = directory
         plan = json.loads((directory / "plan.json").read_text())
         self.plan = plan
@@ -189,14 +191,22 @@ class _Keeper:
         self.gated = bool(plan.get("gate"))
         self.started = False
         setup: list[tuple[str, ...]] = []
-        network = None
-        if plan.get("forwards") is not None:
+        network: UserNetwork | TapNetwork | None = None
+        tap = plan.get("tap")
+        if tap is not None:
+            network = TapNetwork(
+                netns=tap["netns"], mac=tap["mac"], address=tap["address"], gateway=tap["gateway"]
+            )
+            address, gateway = network.address, network.gateway
+        elif plan.get("forwards") is not None:
             network = UserNetwork(host_forwards=tuple((h, g) for h, g in plan["forwards"]))
+            address, gateway = GUEST_ADDRESS, GUEST_GATEWAY
+        if network is not None:
             setup += [
                 (_BUSYBOX, "ip", "link", "set", "lo", "up"),
-                (_BUSYBOX, "ip", "addr", "add", GUEST_ADDRESS, "dev", "eth0"),
+                (_BUSYBOX, "ip", "addr", "add", address, "dev", "eth0"),
                 (_BUSYBOX, "ip", "link", "set", "eth0", "up"),
-                (_BUSYBOX, "ip", "route", "add", "default", "via", GUEST_GATEWAY),
+                (_BUSYBOX, "ip", "route", "add", "default", "via", gateway),
             ]
         if self.gated:
             setup.append((_BUSYBOX, "mkfifo", "-m", "0600", _GATE))
@@ -314,6 +324,13 @@ class _Keeper:
             elif op == "stop":
                 await self.stop(float(request["grace"]))
                 send({"result": None})
+            elif op == "port":
+                await self.open_port(
+                    str(request["protocol"]),
+                    int(request["host_port"]),
+                    int(request["container_port"]),
+                )
+                send({"result": None})
             else:
                 send({"error": f"unknown request {op!r}"})
         except Exception as exc:  # noqa: BLE001 - reported to the asking process
@@ -321,6 +338,29 @@ class _Keeper:
         with contextlib.suppress(OSError):
             await writer.drain()
             writer.close()
+
+    async def open_port(self, protocol: str, host_port: int, container_port: int) -> None:
+        """Forward ``host_port`` on the host to ``container_port`` in the guest.
+
+        On the bridge through CNI portmap to the pod IP (kept in the pod's attachment
+        record, so deleting the pod removes it); on user-mode networking through QEMU's
+        ``hostfwd`` on 127.0.0.1 (gone with QEMU).
+        """
+        if protocol not in ("tcp", "udp"):
+            raise InvalidArgument(f"unknown protocol {protocol!r}", hint="use tcp or udp")
+        for port in (host_port, container_port):
+            if not 1 <= port <= 65535:
+                raise InvalidArgument(f"port {port} is outside 1..65535", port=port)
+        tap = self.plan.get("tap")
+        if tap is None:
+            await self.vm.add_host_forward(protocol, host_port, container_port)
+            return
+        # The pod's CNI attachment is the pod layer's: a bridge pod's keeper is its agent.
+        from ..pod._network import PodNetwork, PortMapping
+
+        network = PodNetwork(self.paths, bridge=tap["bridge"], subnet=tap["subnet"])
+        mapping = PortMapping(host_port=host_port, container_port=container_port, protocol=protocol)
+        await network.add_ports(tap["pod_id"], Path(tap["netns"]), [mapping])
 
     async def open_gate(self, word: str) -> None:
         if not self.gated or self.started:

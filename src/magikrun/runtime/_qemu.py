@@ -26,7 +26,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .. import _process
-from ..errors import InvalidArgument, LimitExceeded, RuntimeUnavailable, VmBootFailed
+from ..errors import (
+    BackendFailed,
+    InvalidArgument,
+    LimitExceeded,
+    RuntimeUnavailable,
+    VmBootFailed,
+    VmControlError,
+)
 from ..platform import Paths, Platform
 from ..platform._limits import MAX_VCPUS, MAX_VM_MEMORY_MIB, VM_BOOT_TIMEOUT
 from ..vminit import (
@@ -38,11 +45,20 @@ from ..vminit import (
 )
 from ._guestkernel import find_guest_kernel
 from ._initramfs import build_initramfs, write_vm_initramfs
+from ._tap import open_tap
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
 
-__all__ = ["DEFAULT_CMDLINE", "EXTRA_BOOT_FLAGS", "Machine", "MicroVm", "UserNetwork", "VmConfig"]
+__all__ = [
+    "DEFAULT_CMDLINE",
+    "EXTRA_BOOT_FLAGS",
+    "Machine",
+    "MicroVm",
+    "TapNetwork",
+    "UserNetwork",
+    "VmConfig",
+]
 
 QEMU = "qemu-system-x86_64"
 _PACKAGE = str(Path(__file__).resolve().parent.parent)
@@ -81,6 +97,20 @@ class UserNetwork:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TapNetwork:
+    """The NIC is a tap in the pod's network namespace, joined to its CNI ``eth0``.
+
+    See :mod:`magikrun.runtime._tap`; the guest sets ``address`` (``IP/PREFIX``) on its
+    eth0 and routes through ``gateway`` (the bridge's address).
+    """
+
+    netns: str
+    mac: str
+    address: str
+    gateway: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VmConfig:
     """How to build and boot one VM."""
 
@@ -90,7 +120,7 @@ class VmConfig:
     accel: str | None = None
     """``kvm`` or ``tcg``; None picks kvm where ``Platform.detect()`` says a stock guest runs."""
     processes: tuple[GuestProcess, ...] = ()
-    network: UserNetwork | None = None
+    network: UserNetwork | TapNetwork | None = None
     boot_timeout: float = VM_BOOT_TIMEOUT
     cmdline: tuple[str, ...] = DEFAULT_CMDLINE
     never_ready: bool = False
@@ -159,8 +189,12 @@ def qemu_argv(
     console: Path,
     ctl_fd: int,
     qmp_fd: int,
+    tap_fd: int | None = None,
 ) -> list[str]:
-    """The QEMU command line (the VM's secrets are in the initramfs, never here)."""
+    """The QEMU command line (the VM's secrets are in the initramfs, never here).
+
+    ``tap_fd`` is the open tap of a :class:`TapNetwork` (see :func:`open_tap`).
+    """
     serial_dev, ninep_dev = _devices(config.machine)
     machine = "microvm,acpi=on" if config.machine is Machine.MICROVM else "q35"
     argv = [
@@ -197,12 +231,19 @@ def qemu_argv(
             "-device",
             f"{ninep_dev},fsdev=pod{index},mount_tag={tag}",
         ]
-    if config.network is not None:
+    nic = "virtio-net-device" if config.machine is Machine.MICROVM else "virtio-net-pci"
+    if isinstance(config.network, TapNetwork):
+        if tap_fd is None:
+            raise InvalidArgument("a tap network needs the tap's fd", hint="open it with open_tap")
+        argv += [
+            "-netdev", f"tap,id=net0,fd={tap_fd}",
+            "-device", f"{nic},netdev=net0,mac={config.network.mac}",
+        ]  # fmt: skip
+    elif config.network is not None:
         forwards = "".join(
             f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
             for host, guest in config.network.host_forwards
         )
-        nic = "virtio-net-device" if config.machine is Machine.MICROVM else "virtio-net-pci"
         argv += ["-netdev", f"user,id=net0{forwards}", "-device", f"{nic},netdev=net0"]
     return argv + list(config.extra_args)
 
@@ -337,10 +378,15 @@ class MicroVm:
         )
         ctl_host, ctl_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         qmp_host, qmp_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [ctl_qemu.fileno(), qmp_qemu.fileno()]
+        tap_fd = None
         try:
+            if isinstance(self.config.network, TapNetwork):
+                tap_fd = await open_tap(Path(self.config.network.netns))
+                fds.append(tap_fd)
             argv = qemu_argv(
                 self.config, self.accel, kernel.vmlinux, initramfs, self.console_log,
-                ctl_qemu.fileno(), qmp_qemu.fileno(),
+                ctl_qemu.fileno(), qmp_qemu.fileno(), tap_fd,
             )  # fmt: skip
             with (self.directory / "qemu.log").open("wb") as log:
                 self._proc = subprocess.Popen(
@@ -349,7 +395,7 @@ class MicroVm:
                     stdout=log,
                     stderr=log,
                     close_fds=True,
-                    pass_fds=(ctl_qemu.fileno(), qmp_qemu.fileno()),
+                    pass_fds=fds,
                     start_new_session=True,
                 )
         except BaseException:
@@ -359,6 +405,8 @@ class MicroVm:
         finally:
             ctl_qemu.close()
             qmp_qemu.close()
+            if tap_fd is not None:
+                os.close(tap_fd)  # QEMU's copy keeps the tap; it goes when QEMU does
         self._watch = asyncio.ensure_future(self._watch_exit(self._proc))
         self._client = await ControlClient.open(ctl_host, token)
         await self._open_qmp(qmp_host)
@@ -410,6 +458,30 @@ class MicroVm:
             return (self.directory / "qemu.log").read_text(errors="replace")[-_CONSOLE_TAIL:]
         except OSError:
             return ""
+
+    async def add_host_forward(self, protocol: str, host_port: int, guest_port: int) -> None:
+        """Forward ``127.0.0.1:host_port`` (tcp or udp) to the guest, on user-mode networking.
+
+        The forward lives in QEMU and goes with it.
+        """
+        if not isinstance(self.config.network, UserNetwork):
+            raise InvalidArgument(
+                "host forwards through QEMU need user-mode networking", vm=self.id
+            )
+        if protocol not in ("tcp", "udp"):
+            raise InvalidArgument(f"unknown protocol {protocol!r}", hint="use tcp or udp")
+        if self._qmp is None or not self.alive:
+            raise VmControlError("the VM is not running", vm=self.id)
+        rule = f"{protocol}:127.0.0.1:{host_port}-:{guest_port}"
+        said = await self._qmp.execute(
+            "human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"}
+        )
+        if said:
+            raise BackendFailed(
+                f"QEMU did not add host forward {rule}: {str(said).strip()}",
+                hint="the host port may be taken; pick another",
+                vm=self.id,
+            )
 
     async def wait(self) -> int:
         """Wait until QEMU exits; its exit status."""
