@@ -292,7 +292,7 @@ def stop(ctx: Context, pod_name: str, grace: float | None, namespace: str) -> No
 
 @pod.command()
 @click.argument("pod_name", metavar="POD")
-@click.option("--force", is_flag=True, help="Kill a running pod instead of refusing.")
+@click.option("--force", "-f", is_flag=True, help="Kill a running pod instead of refusing.")
 @namespace_option
 @click.pass_obj
 def rm(ctx: Context, pod_name: str, force: bool, namespace: str) -> None:
