@@ -20,19 +20,28 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .. import _process
-from ..errors import InvalidArgument, LimitExceeded, RuntimeUnavailable, VmBootFailed
+from ..errors import (
+    BackendFailed,
+    InvalidArgument,
+    LimitExceeded,
+    RuntimeUnavailable,
+    VmBootFailed,
+    VmControlError,
+)
 from ..platform import Paths, Platform
 from ..platform._limits import MAX_VCPUS, MAX_VM_MEMORY_MIB, VM_BOOT_TIMEOUT
 from ..vminit import (
     PORT_NAME,
     ControlClient,
     GuestConfig,
+    GuestInfra,
     GuestProcess,
     early_init_script,
 )
@@ -97,6 +106,12 @@ class VmConfig:
     """Test-only: the guest's init never reports ready."""
     shares: tuple[tuple[str, str], ...] = ()
     """Writable host directories shared at the same path in the guest ((tag, path) pairs)."""
+    read_only_shares: tuple[tuple[str, str], ...] = ()
+    """Host directories shared read-only at the same path ((tag, path) pairs)."""
+    init: tuple[GuestProcess, ...] = ()
+    """Run one by one, each to a zero exit, before ``processes`` (init containers)."""
+    infra: GuestInfra | None = None
+    """The pod's infra program, started before anything else."""
     setup: tuple[tuple[str, ...], ...] = ()
     """Commands the guest runs before its processes (network configuration)."""
     extra_args: tuple[str, ...] = field(default=())
@@ -139,10 +154,27 @@ def host_shares() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], .
         elif path.is_dir():
             directories.append(str(path))
     for extra in (os.path.realpath(sys.base_prefix), _PACKAGE):
-        if not any(extra == d or extra.startswith(d + "/") for d in directories):
+        if not _covered(extra, directories):
             directories.append(extra)
     shares = tuple((f"magikrun.{index}", path) for index, path in enumerate(directories))
     return shares, tuple(links)
+
+
+def _covered(path: str, directories: Sequence[str]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in directories)
+
+
+def python_shares(extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """Directories beyond :func:`host_shares` the guest needs to run this Python as it
+    runs here: its environment (a venv's ``site-packages``, with the ``dist-info`` files
+    ``importlib.metadata`` reads entry points from) and ``extra`` directories."""
+    wanted: list[str] = [d for _, d in host_shares()[0]]
+    found: list[str] = []
+    for path in (sys.prefix, *extra):
+        if not _covered(path, wanted):
+            wanted.append(path)
+            found.append(path)
+    return tuple(found)
 
 
 def guest_init() -> bytes:
@@ -196,6 +228,14 @@ def qemu_argv(
             f"local,id=pod{index},path={escaped},security_model=passthrough",
             "-device",
             f"{ninep_dev},fsdev=pod{index},mount_tag={tag}",
+        ]
+    for index, (tag, path) in enumerate(config.read_only_shares):
+        escaped = path.replace(",", ",,")
+        argv += [
+            "-fsdev",
+            f"local,id=ro{index},path={escaped},security_model=none,readonly=on,multidevs=remap",
+            "-device",
+            f"{ninep_dev},fsdev=ro{index},mount_tag={tag}",
         ]
     if config.network is not None:
         forwards = "".join(
@@ -329,7 +369,10 @@ class MicroVm:
             processes=self.config.processes,
             never_ready=self.config.never_ready,
             mounts=self.config.shares,
+            read_only_mounts=self.config.read_only_shares,
             setup=self.config.setup,
+            init=self.config.init,
+            infra=self.config.infra,
         )
         initramfs = self.directory / "initramfs.cpio"
         await asyncio.to_thread(
@@ -410,6 +453,30 @@ class MicroVm:
             return (self.directory / "qemu.log").read_text(errors="replace")[-_CONSOLE_TAIL:]
         except OSError:
             return ""
+
+    async def add_host_forward(self, protocol: str, host_port: int, guest_port: int) -> None:
+        """Forward ``127.0.0.1:host_port`` (tcp or udp) to the guest, on user-mode networking.
+
+        The forward lives in QEMU and goes with it.
+        """
+        if not isinstance(self.config.network, UserNetwork):
+            raise InvalidArgument(
+                "host forwards through QEMU need user-mode networking", vm=self.id
+            )
+        if protocol not in ("tcp", "udp"):
+            raise InvalidArgument(f"unknown protocol {protocol!r}", hint="use tcp or udp")
+        if self._qmp is None or not self.alive:
+            raise VmControlError("the VM is not running", vm=self.id)
+        rule = f"{protocol}:127.0.0.1:{host_port}-:{guest_port}"
+        said = await self._qmp.execute(
+            "human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"}
+        )
+        if said:
+            raise BackendFailed(
+                f"QEMU did not add host forward {rule}: {str(said).strip()}",
+                hint="the host port may be taken; pick another",
+                vm=self.id,
+            )
 
     async def wait(self) -> int:
         """Wait until QEMU exits; its exit status."""
