@@ -95,8 +95,8 @@ def vm_size(spec: PodSpec) -> tuple[int, int]:
     def mib(cs: Sequence[Container]) -> list[int]:
         return [(c.resources.limits.memory_bytes or _DEFAULT_CONTAINER_MIB << 20) >> 20 for c in cs]
 
-    cpu = max(sum(millicores(spec.containers)), *millicores(spec.init_containers))
-    memory = max(sum(mib(spec.containers)), *mib(spec.init_containers))
+    cpu = max([sum(millicores(spec.containers)), *millicores(spec.init_containers)])
+    memory = max([sum(mib(spec.containers)), *mib(spec.init_containers)])
     vcpus = min(max(1, -(-cpu // 1000)), MAX_VCPUS)
     return vcpus, min(memory + _VM_OVERHEAD_MIB, MAX_VM_MEMORY_MIB)
 
