@@ -4,6 +4,7 @@ and bounded event buffer, without a VM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from pathlib import Path
@@ -159,6 +160,88 @@ async def test_failing_on_start_rolls_the_microvm_pod_back(paths: Paths, ext_pat
         pass  # health's forward went with the VM
 
 
+LATE_PORT = """
+import asyncio
+
+from magikrun.infra import ContainerStarted, InfraExtension
+
+
+class LatePort(InfraExtension):
+    async def on_start(self, ctx):
+        async def answer(reader, writer):
+            writer.write(b"late\\n")
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(answer, ctx.pod_ip, 9090)
+
+    async def on_event(self, event, ctx):
+        if isinstance(event, ContainerStarted) and event.name == "app":
+            await ctx.request_tcp_port(ctx.config["hostPort"], 9090)
+            (ctx.state_dir / "opened").write_text("yes")
+
+    async def on_stop(self, ctx):
+        self.server.close()
+"""
+
+
+@pytest.mark.slow
+@needs_vm
+async def test_port_requested_after_start_is_opened(
+    paths: Paths, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port asked for on an event, after ``on_start`` and the boot, is forwarded too."""
+    await build_demo_images(paths)
+    ext = short_tmp / "late"
+    (ext / "magikrun_late-1.0.dist-info").mkdir(parents=True)
+    (ext / "magikrun_late.py").write_text(LATE_PORT)
+    (ext / "magikrun_late-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: magikrun-late\nVersion: 1.0\n"
+    )
+    (ext / "magikrun_late-1.0.dist-info" / "entry_points.txt").write_text(
+        "[magikrun.infra_extensions]\nlateport = magikrun_late:LatePort\n"
+    )
+    monkeypatch.setenv(INFRA_PATH_ENV, str(ext))
+    port = free_port()
+    spec = PodSpec.from_yaml(
+        infra_pod(
+            "vmlate",
+            "lateport",
+            {"app": "sleep 600"},
+            config={"lateport": json.dumps({"hostPort": port})},
+        )
+    )
+    runtime = MicroVmPodRuntime(paths)
+    handle = await runtime.run_pod(spec)
+    try:
+        opened = pod_dir(paths, handle.id) / "infra" / "state" / "lateport" / "opened"
+
+        async def greeting() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                return await reader.read()
+            finally:
+                writer.close()
+
+        assert await wait_for(greeting, lambda data: data == b"late\n") == b"late\n"
+        assert opened.read_text() == "yes"
+    finally:
+        await runtime.delete_pod(handle.id, force=True)
+    assert _leftovers(paths) == {}
+
+
+@pytest.mark.slow
+@needs_vm
+async def test_unknown_extension_fails_the_microvm_pod(paths: Paths) -> None:
+    await build_demo_images(paths)
+    spec = PodSpec.from_yaml(infra_pod("vmnope", "health,nope", {"app": "sleep 600"}))
+    runtime = MicroVmPodRuntime(paths)
+    with pytest.raises(PodStartFailed, match="no infra extension named 'nope'"):
+        await runtime.run_pod(spec)
+    assert _leftovers(paths) == {}
+    assert await runtime.list_pods() == []
+
+
 # -- vminit's side, without a VM ---------------------------------------------------
 
 
@@ -269,3 +352,31 @@ def test_relay_buffers_events_boundedly_and_reports_drops(tmp_path: Path) -> Non
     assert relay._sock is None
     peer.close()
     listener.close()
+
+
+def test_relay_reports_a_program_that_ends_before_ready(tmp_path: Path) -> None:
+    config = tmp_path / "pod.json"
+    config.write_text("{}")
+    failures: list[dict[str, Any]] = []
+    supervisor = _FakeSupervisor()
+    relay = InfraRelay(
+        supervisor,  # type: ignore[arg-type]
+        {"argv": ["python"], "config": str(config), "directory": str(tmp_path / "infra")},
+        max_buffer=4,
+        max_message=1024,
+        logs=LogBuffer(10),
+        on_ready=lambda: failures.append({"ready": True}),
+        on_failed=failures.append,
+        on_port=lambda message: None,
+    )
+    relay.logs.feed("stderr", b"Traceback ...\nModuleNotFoundError: No module named 'magikrun'")
+    relay.process.exit_code = 1
+    relay._exited(relay.process)
+    assert relay.state == "failed"
+    assert failures == [
+        {
+            "extension": None,
+            "error": "the infra program exited with code 1: "
+            "Traceback ... / ModuleNotFoundError: No module named 'magikrun'",
+        }
+    ]

@@ -31,10 +31,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["INFRA_NAME", "InfraRelay", "event"]
+__all__ = ["InfraRelay", "event"]
 
-INFRA_NAME = "magikrun.infra"
-"""The infra program's name for ``logs`` (no container name holds a dot)."""
 _CONNECT_POLL = 0.05
 _LOG_TAIL = 5
 
@@ -71,6 +69,7 @@ class InfraRelay:
         self._max_buffer = max_buffer
         self._max_message = max_message
         self.logs = logs
+        """The program's output, whose tail explains an exit before ``ready``."""
         self._on_ready = on_ready
         self._on_failed = on_failed
         self._on_port = on_port

@@ -8,7 +8,7 @@ import signal
 from _operator import _compare_digest as compare_digest  # hmac uses it; hmac loads OpenSSL
 from collections.abc import Callable
 
-from ._infra import INFRA_NAME, InfraRelay, event
+from ._infra import InfraRelay, event
 from ._init import LogBuffer, Process, Supervisor
 from ._protocol import OPS, PORT_NAME, decode, encode
 
@@ -353,15 +353,7 @@ class ControlServer:
         self.send({"id": request_id, "ok": True, "result": None})
 
     def _op_logs(self, request_id: Any, request: dict[str, Any]) -> None:
-        name = str(request["name"])
-        if name == INFRA_NAME and self.infra is not None:
-            logs = self.infra.logs
-            tail = request.get("tail")
-            for record in logs.since(0 if tail is None else max(logs.total - int(tail), 0)):
-                self.send({"id": request_id, "item": record})
-            self.send({"id": request_id, "ok": True, "result": None})
-            return
-        service = self.services.get(name)
+        service = self.services.get(str(request["name"]))
         if service is None:
             raise KeyError(f"no process {request['name']!r}")
         tail = request.get("tail")
