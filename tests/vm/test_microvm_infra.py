@@ -310,7 +310,7 @@ def test_relay_buffers_events_boundedly_and_reports_drops(tmp_path: Path) -> Non
     assert (directory / "state").readlink() == config.parent / "state"
     listener.bind(str(directory / "infra.sock"))
     listener.listen()
-    relay.send_event(event("ContainerCreated", name="early"))  # before ready: not sent
+    relay.send_event("ContainerCreated", name="early")  # before ready: not sent
     _run_until(supervisor.loop, lambda: relay._sock is not None)
     peer, _ = listener.accept()
     peer.sendall(b'{"type": "ready"}\n{"type": "port", "id": 9}\n')
@@ -319,7 +319,7 @@ def test_relay_buffers_events_boundedly_and_reports_drops(tmp_path: Path) -> Non
 
     total = 20_000  # far more than the socket buffer holds while the peer does not read
     for index in range(total):
-        relay.send_event(event("ContainerStarted", name="app", pid=index))
+        relay.send_event("ContainerStarted", name="app", pid=index)
     assert relay.dropped_total > 0
     assert relay.status() == {"state": "ready", "dropped_events": relay.dropped_total}
     relay.port_result(9, None)  # never dropped, whatever the buffer holds

@@ -158,7 +158,7 @@ class InfraRelay:
             self._on_failed({"extension": None, "error": error})
         self._close()
 
-    def send_event(self, message: dict[str, Any]) -> None:
+    def send_event(self, kind: str, **fields: Any) -> None:
         """Queue one event for the extensions; counted as dropped when the buffer is full."""
         if self.state != "ready" or self._sock is None or self._closing:
             return
@@ -166,7 +166,7 @@ class InfraRelay:
             self.dropped += 1
             self.dropped_total += 1
             return
-        self._out.append(_line({"type": "event", "event": message}))
+        self._out.append(_line({"type": "event", "event": event(kind, **fields)}))
         self._flush()
 
     def port_result(self, request: int, error: str | None) -> None:

@@ -8,13 +8,14 @@ import signal
 from _operator import _compare_digest as compare_digest  # hmac uses it; hmac loads OpenSSL
 from collections.abc import Callable
 
-from ._infra import InfraRelay, event
 from ._init import LogBuffer, Process, Supervisor
 from ._protocol import OPS, PORT_NAME, decode, encode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from ._infra import InfraRelay
 
 __all__ = ["ControlServer", "Service", "find_port"]
 
@@ -128,6 +129,8 @@ class ControlServer:
         if not infra:
             self._next()
             return
+        from ._infra import InfraRelay  # (its socket import costs a boot without infra)
+
         self.infra = InfraRelay(
             self._supervisor,
             infra,
@@ -167,7 +170,7 @@ class ControlServer:
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self.infra is not None:
-            self.infra.send_event(event(kind, **fields))
+            self.infra.send_event(kind, **fields)
 
     def start(self, spec: dict[str, Any]) -> None:
         """Start one boot-time process whose output becomes log records (kept across
