@@ -32,6 +32,7 @@ __all__ = [
     "INFRA_PATH_ENV",
     "InfraLink",
     "PortHandler",
+    "extension_failed",
     "infra_extensions",
     "infra_path",
     "write_pod_config",
@@ -114,6 +115,15 @@ def write_pod_config(
     tmp.replace(directory / "pod.json")
 
 
+def extension_failed(pod_id: str, name: str, error: str) -> InfraExtensionFailed:
+    """The error for extension ``name`` failing (or missing) at start, in either placement."""
+    return InfraExtensionFailed(
+        f"infra extension {name!r} of pod {pod_id} failed to start: {error}",
+        extension=name,
+        pod_id=pod_id,
+    )
+
+
 class InfraLink:
     """One connection to a pod's infra program (it serves one at a time; others wait).
 
@@ -185,12 +195,8 @@ class InfraLink:
                     if message.get("type") == "ready":
                         return
                     if message.get("type") == "failed":
-                        name = str(message.get("extension"))
-                        raise InfraExtensionFailed(
-                            f"infra extension {name!r} of pod {self.pod_id} failed to start: "
-                            f"{message.get('error')}",
-                            extension=name,
-                            pod_id=self.pod_id,
+                        raise extension_failed(
+                            self.pod_id, str(message.get("extension")), str(message.get("error"))
                         )
                     await self._answer(message)
         except TimeoutError as exc:

@@ -50,7 +50,14 @@ from ._undo import recover_pods, undo_all, undo_resource
 if TYPE_CHECKING:
     from ..image import Image, ImageService, ProgressCallback
 
-__all__ = ["PodRuntimeBase", "container_id", "infra_id", "together"]
+__all__ = [
+    "PodRuntimeBase",
+    "container_id",
+    "infra_id",
+    "init_container_failed",
+    "kubernetes_annotations",
+    "together",
+]
 
 T = TypeVar("T")
 
@@ -92,6 +99,25 @@ def container_id(pod_id: str, name: str) -> str:
 def infra_id(pod_id: str) -> str:
     """``POD.infra``: no app container id ends so (container names hold no ``.``)."""
     return f"{pod_id}.infra"
+
+
+def kubernetes_annotations(spec: PodSpec, container_name: str) -> dict[str, str]:
+    """The annotations a Kubernetes runtime puts on a pod's container, for tools that read them."""
+    return {
+        "io.kubernetes.pod.name": spec.name,
+        "io.kubernetes.pod.namespace": spec.namespace,
+        "io.kubernetes.container.name": container_name,
+    }
+
+
+def init_container_failed(pod_id: str, name: str, code: int) -> PodError:
+    """The error that fails a pod whose init container ``name`` exited non-zero."""
+    return PodError(
+        f"init container {name!r} exited with code {code}",
+        hint=f"see its log: magikrun pod logs {pod_id} -c {name}",
+        container=name,
+        exit_code=code,
+    )
 
 
 def pod_dir(paths: Paths, pod_id: str) -> Path:

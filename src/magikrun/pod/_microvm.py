@@ -16,6 +16,14 @@ The VM's NIC is a tap inside that namespace, redirected to and from the CNI's ``
 ``hostPort`` reach the guest as they reach a native pod. Where that cannot be set up
 here, QEMU user-mode networking (``hostPort`` forwards on 127.0.0.1) stands in, and
 the pod's status message says so and why, next to the accelerator.
+
+Init containers run in the guest, one by one, before the app containers; one that
+exits non-zero fails the boot as it fails a native pod. With infra extensions
+(``magikrun.io/infra-extensions``), vminit runs the host's infra program unchanged
+before any container, from the host's Python and the ``$MAGIKRUN_INFRA_PATH``
+directories shared read-only; it reads the ``pod.json`` written here into the pod's
+shared ``infra`` directory, hears the containers' events from vminit, and has its port
+requests answered by the keeper.
 """
 
 from __future__ import annotations
@@ -24,14 +32,24 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 from .._threads import finish_in_thread
-from ..errors import BackendFailed, InvalidArgument, PodNetworkError, PodNotFound
+from ..errors import (
+    BackendFailed,
+    InvalidArgument,
+    MagikrunError,
+    PodError,
+    PodNetworkError,
+    PodNotFound,
+    VmBootFailed,
+)
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, ProgressCallback
+from ..infra._host import extension_failed, infra_extensions, infra_path, write_pod_config
 from ..platform._limits import (
     EXEC_TIMEOUT,
     MAX_VCPUS,
@@ -42,10 +60,28 @@ from ..platform._limits import (
 )
 from ..platform._paths import Paths
 from ..runtime import ExecResult
-from ..runtime._microvm import CRUN, ask, ask_one, exec_result, spawn_keeper, vm_alive
+from ..runtime._microvm import (
+    CRUN,
+    GUEST_ADDRESS,
+    ask,
+    ask_one,
+    exec_result,
+    spawn_keeper,
+    vm_alive,
+)
+from ..runtime._qemu import python_shares
 from ..runtime._store import stop_pid_file
 from ..runtime._tap import tap_unavailable_reason
-from ._base import PodRuntimeBase, _Where, container_id, pod_dir, together
+from ..vminit._client import INFRA_GUEST_DIR
+from ._base import (
+    PodRuntimeBase,
+    _Where,
+    container_id,
+    init_container_failed,
+    kubernetes_annotations,
+    pod_dir,
+    together,
+)
 from ._fault import FaultHook
 from ._hostfiles import etc_mounts, write_etc_files
 from ._netns import create_netns
@@ -64,13 +100,18 @@ _CNI_PLUGINS = ("loopback", "host-local", "bridge", "portmap")
 
 
 def vm_size(spec: PodSpec) -> tuple[int, int]:
-    """(vCPUs, MiB): the sum of the containers' limits plus overhead, bounded by the limits."""
-    millicores = sum(c.resources.limits.cpu_millicores or 0 for c in spec.containers)
-    memory = sum(
-        (c.resources.limits.memory_bytes or _DEFAULT_CONTAINER_MIB << 20) >> 20
-        for c in spec.containers
-    )
-    vcpus = min(max(1, -(-millicores // 1000)), MAX_VCPUS)
+    """(vCPUs, MiB): the sum of the app containers' limits (or the largest init
+    container's, which runs alone) plus overhead, bounded by the limits."""
+
+    def millicores(cs: Sequence[Container]) -> list[int]:
+        return [c.resources.limits.cpu_millicores or 0 for c in cs]
+
+    def mib(cs: Sequence[Container]) -> list[int]:
+        return [(c.resources.limits.memory_bytes or _DEFAULT_CONTAINER_MIB << 20) >> 20 for c in cs]
+
+    cpu = max([sum(millicores(spec.containers)), *millicores(spec.init_containers)])
+    memory = max([sum(mib(spec.containers)), *mib(spec.init_containers)])
+    vcpus = min(max(1, -(-cpu // 1000)), MAX_VCPUS)
     return vcpus, min(memory + _VM_OVERHEAD_MIB, MAX_VM_MEMORY_MIB)
 
 
@@ -125,13 +166,9 @@ class MicroVmPodRuntime(PodRuntimeBase):
 
     async def run_pod(self, spec: PodSpec) -> PodHandle:
         """Boot the pod's VM with every container running, or leave nothing behind."""
-        if spec.init_containers:
-            raise InvalidArgument(
-                "microVM pods do not run init containers yet",
-                hint="run this pod with runtimeClassName: magikrun-native",
-            )
         await self._ready()
         network = await self._choose_network()
+        extensions = infra_extensions(spec.metadata.annotations)
         record = self.store.create(spec, self.name)
         pod = record.id
         where = _Where()
@@ -156,23 +193,31 @@ class MicroVmPodRuntime(PodRuntimeBase):
             await together(
                 [
                     self._bundle(rollback, spec, c, images[c.image], volumes, rootfs, where, fields)
-                    for c in spec.containers
+                    for c in (*spec.init_containers, *spec.containers)
                 ]
             )
             await finish_in_thread(write_etc_files, spec, directory / "etc", pod_ip=ip)
             self._at(where, "boot")
-            plan = self._plan(spec, directory, rootfs, network, attached)
+            plan = self._plan(spec, directory, rootfs, network, attached, extensions)
+            if extensions:
+                await asyncio.to_thread(_write_infra_config, spec, directory, plan, extensions)
             vm_dir = _vm_dir(self.paths, pod)
             await self._make(
                 rollback, pod, "supervisor", f"{pod}.keeper",
                 {"pid_file": str(vm_dir / "keeper.pid")},
                 lambda: asyncio.sleep(0),
             )  # fmt: skip
-            await self._make(
-                rollback, pod, "supervisor", f"{pod}.qemu",
-                {"pid_file": str(vm_dir / "qemu.pid")},
-                lambda: spawn_keeper(self.paths, vm_dir, plan),
-            )  # fmt: skip
+            try:
+                await self._make(
+                    rollback, pod, "supervisor", f"{pod}.qemu",
+                    {"pid_file": str(vm_dir / "qemu.pid")},
+                    lambda: spawn_keeper(self.paths, vm_dir, plan),
+                )  # fmt: skip
+            except VmBootFailed as exc:
+                error = _boot_error(pod, where, exc)
+                if error is None:
+                    raise
+                raise error from exc
             self.store.update(pod, state="ready")
             rollback.pop_all()
         return PodHandle(pod, spec.name, spec.namespace, "microvm", ip)
@@ -242,11 +287,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
                 *etc_mounts(pod_dir(self.paths, spec.id) / "etc"),
                 *container_mounts(c, spec, volumes),
             ],
-            annotations={
-                "io.kubernetes.pod.name": spec.name,
-                "io.kubernetes.pod.namespace": spec.namespace,
-                "io.kubernetes.container.name": c.name,
-            },
+            annotations=kubernetes_annotations(spec, c.name),
         )
         bundle_dir = self.paths.bundles / cid
         try:
@@ -275,25 +316,39 @@ class MicroVmPodRuntime(PodRuntimeBase):
         rootfs: dict[str, Path],
         network: str,
         attached: NetworkStatus | None,
+        extensions: Sequence[str],
     ) -> dict[str, Any]:
-        """What the keeper boots: shares, the containers' crun commands, size, network."""
+        """What the keeper boots: shares, the containers' crun commands, size, network,
+        the pod IP the guest has, and the infra program when the pod has extensions."""
         shares = [str(directory)]
-        processes = []
-        for c in spec.containers:
+        init, processes = [], []
+        for c in (*spec.init_containers, *spec.containers):
             cid = container_id(spec.id, c.name)
             bundle = self.paths.bundles / cid
             shares += [str(bundle), str(rootfs[c.name])]
-            argv = [*CRUN, "run", "--bundle", str(bundle), cid]
-            processes.append(
-                {
-                    "name": c.name,
-                    "cid": cid,
-                    "argv": argv,
-                    "restart": spec.restart_policy.value,
-                    "backoff": self.restart_backoff,
-                    "backoff_cap": RESTART_BACKOFF_CAP,
-                }
+            process: dict[str, Any] = {
+                "name": c.name,
+                "cid": cid,
+                "argv": [*CRUN, "run", "--bundle", str(bundle), cid],
+            }
+            if c in spec.init_containers:
+                init.append(process)
+                continue
+            process.update(
+                restart=spec.restart_policy.value,
+                backoff=self.restart_backoff,
+                backoff_cap=RESTART_BACKOFF_CAP,
             )
+            processes.append(process)
+        infra = None
+        read_only: tuple[str, ...] = ()
+        if extensions:
+            infra = {
+                "argv": [sys.executable, "-I", "-m", "magikrun.infra", spec.id, INFRA_GUEST_DIR],
+                "config": str(directory / "infra" / "pod.json"),
+                "grace": float(spec.termination_grace_period_seconds),
+            }
+            read_only = python_shares(infra_path())
         forwards = sorted(
             {
                 (p.host_port, p.container_port)
@@ -323,10 +378,14 @@ class MicroVmPodRuntime(PodRuntimeBase):
             "vcpus": vcpus,
             "memory_mib": memory,
             "shares": shares,
+            "read_only_shares": list(read_only),
+            "init": init,
             "processes": processes,
             "network": network,
             "forwards": None if tap else forwards,
             "tap": tap,
+            "infra": infra,
+            "pod_ip": attached.ip if attached else GUEST_ADDRESS.split("/")[0],
             "boot_timeout": self.boot_timeout,
             "never_ready": self.never_ready,
         }
@@ -339,28 +398,10 @@ class MicroVmPodRuntime(PodRuntimeBase):
         network = _read_json(vm_dir / "plan.json").get("network", "?")
         running = vm_alive(vm_dir)
         guest = cast(dict[str, dict[str, Any]], state.get("containers", {}))
-        infos = []
-        for c in record.spec.containers:
-            found = guest.get(c.name)
-            count = 0 if found is None else int(found.get("restarts", 0))
-            if found is None or (found["state"] == "running" and not running):
-                reason = "VmGone" if found else "ContainerCreating"
-                info = ContainerInfo(c.name, c.image, "waiting", None, reason, None, None, 0, False)
-            elif found["state"] == "running":
-                info = ContainerInfo(
-                    c.name, c.image, "running", None, None, None, None, count, False
-                )
-            elif found.get("restarting") and running:
-                info = ContainerInfo(
-                    c.name, c.image, "waiting", None, "CrashLoopBackOff", None, None, count, False
-                )
-            else:
-                code = int(found["exit_code"])
-                reason = "Completed" if code == 0 else ("Killed" if code == 137 else "Error")
-                info = ContainerInfo(
-                    c.name, c.image, "terminated", code, reason, None, None, count, False
-                )
-            infos.append(info)
+        inits = [
+            _info(c, guest.get(c.name), running, init=True) for c in record.spec.init_containers
+        ]
+        infos = [_info(c, guest.get(c.name), running, init=False) for c in record.spec.containers]
         net = f"network {network}, accelerator {state.get('accel', '?')}"
         if record.state == "creating":
             phase = PodPhase.PENDING if record.owner_alive() else PodPhase.UNKNOWN
@@ -385,7 +426,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
             runtime=cast(RuntimeName, record.runtime),
             phase=phase,
             ip=record.ip,
-            containers=tuple(infos),
+            containers=(*inits, *infos),
             created_at=record.created,
             message=message,
         )
@@ -459,6 +500,66 @@ class MicroVmPodRuntime(PodRuntimeBase):
             await super().delete_pod(pod_id, force=force)
         except PodNotFound:
             return
+
+
+def _info(
+    c: Container, found: dict[str, Any] | None, running: bool, *, init: bool
+) -> ContainerInfo:
+    """A container as the guest last reported it (``running``: whether its VM still runs)."""
+    count = 0 if found is None else int(found.get("restarts", 0))
+    if found is None or (found["state"] == "running" and not running):
+        reason = "VmGone" if found else "ContainerCreating"
+        return ContainerInfo(c.name, c.image, "waiting", None, reason, None, None, 0, init)
+    if found["state"] == "running":
+        return ContainerInfo(c.name, c.image, "running", None, None, None, None, count, init)
+    if found.get("restarting") and running:
+        return ContainerInfo(
+            c.name, c.image, "waiting", None, "CrashLoopBackOff", None, None, count, init
+        )
+    code = int(found["exit_code"])
+    reason = "Completed" if code == 0 else ("Killed" if code == 137 else "Error")
+    return ContainerInfo(c.name, c.image, "terminated", code, reason, None, None, count, init)
+
+
+def _write_infra_config(
+    spec: PodSpec, directory: Path, plan: dict[str, Any], extensions: Sequence[str]
+) -> None:
+    """``pod.json`` in the pod's shared ``infra`` directory, beside the extensions' state."""
+    infra = directory / "infra"
+    (infra / "state").mkdir(mode=0o700, parents=True)
+    meta = spec.metadata
+    write_pod_config(
+        infra,
+        name=spec.name,
+        namespace=spec.namespace,
+        uid=meta.uid or spec.id,
+        labels=meta.labels,
+        annotations=meta.annotations,
+        pod_ip=plan["pod_ip"],
+        placement="microvm",
+        grace=float(spec.termination_grace_period_seconds),
+        extensions=extensions,
+        path=infra_path(),
+    )
+
+
+def _boot_error(pod: str, where: _Where, exc: VmBootFailed) -> MagikrunError | None:
+    """The error a native pod would raise where the guest says why the boot failed."""
+    subject = exc.subject
+    if "init_container" in subject:
+        where.step, where.container = "init", str(subject["init_container"])
+        return init_container_failed(pod, where.container, int(subject["exit_code"]))
+    if "infra_error" in subject:
+        where.step, where.container = "infra", None
+        if subject.get("extension") is None:
+            return PodError(
+                f"the infra program of pod {pod} ended before its extensions started: "
+                f"{subject['infra_error']}",
+                hint="check that magikrun and the extensions are installed for this Python",
+                pod_id=pod,
+            )
+        return extension_failed(pod, str(subject["extension"]), str(subject["infra_error"]))
+    return None
 
 
 def _join_guest_network(config_json: Path) -> None:

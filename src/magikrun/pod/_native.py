@@ -31,7 +31,16 @@ from ..infra._host import InfraLink, infra_extensions, infra_path, write_pod_con
 from ..platform._limits import DEFAULT_MEMORY_BYTES, EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import ExecResult, NativeRuntime
-from ._base import PodRuntimeBase, _Where, container_id, infra_id, pod_dir, together
+from ._base import (
+    PodRuntimeBase,
+    _Where,
+    container_id,
+    infra_id,
+    init_container_failed,
+    kubernetes_annotations,
+    pod_dir,
+    together,
+)
 from ._fault import FaultHook
 from ._hostfiles import etc_mounts, write_etc_files
 from ._netns import create_netns
@@ -281,11 +290,7 @@ class NativePodRuntime(PodRuntimeBase):
             ),
             namespaces=namespaces,
             mounts=[*etc_mounts(directory / "etc"), *container_mounts(c, spec, volumes)],
-            annotations={
-                "io.kubernetes.pod.name": spec.name,
-                "io.kubernetes.pod.namespace": spec.namespace,
-                "io.kubernetes.container.name": c.name,
-            },
+            annotations=kubernetes_annotations(spec, c.name),
         )
 
     async def _bundle(
@@ -462,12 +467,7 @@ class NativePodRuntime(PodRuntimeBase):
         code = await self.runtime.wait(cid)
         await _tell(link, ContainerExited(name=init.name, exit_code=code, reason=_reason(code)))
         if code != 0:
-            raise PodError(
-                f"init container {init.name!r} exited with code {code}",
-                hint=f"see its log: magikrun pod logs {pod} -c {init.name}",
-                container=init.name,
-                exit_code=code,
-            )
+            raise init_container_failed(pod, init.name, code)
 
     async def exec(
         self,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._threads import finish_in_thread
-from ..errors import NotSupported, PodError
+from ..errors import NotSupported
 from ..image import (
     BundleBuilder,
     ContainerConfig,
@@ -27,7 +27,15 @@ from ..infra._host import EXTENSIONS_ANNOTATION
 from ..platform._limits import EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import ExecResult, OciRuntime
-from ._base import PodRuntimeBase, _Where, container_id, pod_dir, together
+from ._base import (
+    PodRuntimeBase,
+    _Where,
+    container_id,
+    init_container_failed,
+    kubernetes_annotations,
+    pod_dir,
+    together,
+)
 from ._fault import FaultHook
 from ._rollback import Rollback
 from ._spec import Container, PodSpec, resolve_env
@@ -111,12 +119,7 @@ class WasmPodRuntime(PodRuntimeBase):
                 await self.runtime.start(cid)
                 code = await self.runtime.wait(cid)
                 if code != 0:
-                    raise PodError(
-                        f"init container {init.name!r} exited with code {code}",
-                        hint=f"see its log: magikrun pod logs {pod} -c {init.name}",
-                        container=init.name,
-                        exit_code=code,
-                    )
+                    raise init_container_failed(pod, init.name, code)
             for c in spec.containers:
                 self._at(where, "start", c.name)
                 await self.runtime.start(container_id(pod, c.name))
@@ -143,11 +146,7 @@ class WasmPodRuntime(PodRuntimeBase):
             env=resolve_env(c, spec),
             working_dir=c.working_dir,
             mounts=container_mounts(c, spec, volumes),
-            annotations={
-                "io.kubernetes.pod.name": spec.name,
-                "io.kubernetes.pod.namespace": spec.namespace,
-                "io.kubernetes.container.name": c.name,
-            },
+            annotations=kubernetes_annotations(spec, c.name),
         )
         bundle_dir = self.paths.bundles / cid
 

@@ -27,12 +27,13 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _process
 from ..errors import (
     BackendFailed,
     InvalidArgument,
+    MagikrunError,
     NotSupported,
     RuntimeUnavailable,
     VmBootFailed,
@@ -44,6 +45,9 @@ from ._crun import load_bundle_config, rootfs_of
 from ._monitor import EXIT_FILE, LOG_FILE, rfc3339_nano
 from ._store import ContainerStore, process_start_time, read_pid_file, stop_pid_file
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
+
+if TYPE_CHECKING:
+    from ..vminit import GuestProcess
 
 __all__ = [
     "CRUN",
@@ -131,8 +135,23 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
         raise VmBootFailed(
             str(answer.get("error") or "the microVM keeper ended without an answer"),
             hint="see the error; the VM was killed and nothing of it is left",
+            **answer.get("subject", {}),
         )
     return answer
+
+
+def _boot_failure(failure: Mapping[str, Any]) -> VmBootFailed:
+    """What stopped the guest's boot, with its subject (``init_container`` and
+    ``exit_code``, or the infra ``extension``) for the pod runtime's error."""
+    if failure.get("kind") == "init":
+        name, code = str(failure["name"]), int(failure["exit_code"])
+        return VmBootFailed(
+            f"init container {name!r} exited with code {code}", init_container=name, exit_code=code
+        )
+    error = str(failure.get("error"))
+    return VmBootFailed(
+        f"the infra program failed: {error}", extension=failure.get("extension"), infra_error=error
+    )
 
 
 async def ask(vm_dir: Path, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -175,11 +194,27 @@ def exec_result(answer: Mapping[str, Any]) -> ExecResult:
 # -- the keeper process -----------------------------------------------------------
 
 
+def _guest_process(spec: Mapping[str, Any]) -> GuestProcess:
+    from ..vminit import GuestProcess
+
+    return GuestProcess(
+        name=spec["name"],
+        argv=tuple(spec["argv"]),
+        restart=spec.get("restart", "Never"),
+        backoff=float(spec.get("backoff", 1.0)),
+        backoff_cap=float(spec.get("backoff_cap", 10.0)),
+    )
+
+
 class _Keeper:
-    """Owns one VM: boots it from the plan, relays requests, records what it last saw."""
+    """Owns one VM: boots it from the plan, relays requests, records what it last saw.
+
+    The plan's ``init`` containers run in the guest before its ``processes``; with an
+    ``infra`` program, the keeper answers its port requests for the VM's whole life.
+    """
 
     def __init__(self, paths: Paths, directory: Path) -> None:
-        from ..vminit import GuestProcess
+        from ..vminit import GuestInfra
         from ._qemu import MicroVm, TapNetwork, UserNetwork, VmConfig
 
         self.paths = paths
@@ -187,7 +222,11 @@ class _Keeper:
         plan = json.loads((directory / "plan.json").read_text())
         self.plan = plan
         self.names = [p["name"] for p in plan["processes"]]
+        self.inits = [p["name"] for p in plan.get("init", [])]
         self.cids = {p["name"]: p["cid"] for p in plan["processes"]}
+        infra = plan.get("infra")
+        self.infra_grace = float(infra["grace"]) if infra else 0.0
+        self.relay: asyncio.Future[None] | None = None
         self.gated = bool(plan.get("gate"))
         self.started = False
         setup: list[tuple[str, ...]] = []
@@ -213,15 +252,11 @@ class _Keeper:
         config = VmConfig(
             vcpus=plan["vcpus"],
             memory_mib=plan["memory_mib"],
-            processes=tuple(
-                GuestProcess(
-                    name=p["name"],
-                    argv=tuple(p["argv"]),
-                    restart=p.get("restart", "Never"),
-                    backoff=float(p.get("backoff", 1.0)),
-                    backoff_cap=float(p.get("backoff_cap", 10.0)),
-                )
-                for p in plan["processes"]
+            processes=tuple(_guest_process(p) for p in plan["processes"]),
+            init=tuple(_guest_process(p) for p in plan.get("init", [])),
+            infra=GuestInfra(argv=tuple(infra["argv"]), config=infra["config"]) if infra else None,
+            read_only_shares=tuple(
+                (f"ro.{i}", path) for i, path in enumerate(plan.get("read_only_shares", []))
             ),
             network=network,
             boot_timeout=float(plan["boot_timeout"]),
@@ -261,12 +296,26 @@ class _Keeper:
                 qemu_pid.write_text(f"{pid} {process_start_time(pid)}")
             await asyncio.wait({boot}, timeout=0.05)
         boot.result()
+        if self.vm.config.infra is not None:
+            self.relay = asyncio.ensure_future(self.relay_ports())
         if self.gated:
             await self.refresh()
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.vm.config.boot_timeout
         while True:
+            stage = await self.vm.client.boot()
+            if stage["failure"] is not None:
+                raise _boot_failure(stage["failure"])
+            if stage["stage"] != "apps":
+                if loop.time() > deadline:
+                    raise VmBootFailed(
+                        f"the pod did not get past its {stage['stage']} stage within "
+                        f"{self.vm.config.boot_timeout} s",
+                        hint="see the init containers' logs ('magikrun pod logs POD -c NAME')",
+                    )
+                await asyncio.sleep(_POLL)
+                continue
             await self.refresh()
             failed = {
                 n: i
@@ -292,6 +341,31 @@ class _Keeper:
                 ),
                 hint="see the container's command and image",
             )
+
+    async def relay_ports(self) -> None:
+        """Answer the guest's port requests (from infra extensions) until the VM ends."""
+        client = self.vm.client
+        while True:
+            try:
+                message = await client.next_event()
+            except VmControlError:
+                return
+            if message.get("event") != "port":
+                continue
+            error: str | None = None
+            request = message.get("request")
+            if type(request) is not int:
+                continue  # nothing to answer: the guest did not say which request
+            try:
+                await self.open_port(
+                    str(message["protocol"]),
+                    int(message["host_port"]),
+                    int(message["container_port"]),
+                )
+            except (KeyError, TypeError, ValueError, MagikrunError) as exc:
+                error = str(exc)
+            with contextlib.suppress(VmControlError):
+                await client.port_result(request, error)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def send(message: dict[str, Any]) -> None:
@@ -408,8 +482,9 @@ class _Keeper:
             await self.vm.client.exec(argv)
 
     async def stop(self, grace: float) -> None:
-        """TERM then KILL each container; keep codes and logs on the host; power off."""
-        await self.vm.client.hold()
+        """TERM then KILL each container; keep codes and logs on the host; power off
+        (giving the infra program, if any, its grace to stop its extensions)."""
+        await self.vm.client.hold(grace)
         for sig, wait in (("TERM", grace), ("KILL", _KILL_WAIT)):
             await self.refresh()
             running = [n for n, i in self.containers.items() if i["state"] == "running"]
@@ -424,9 +499,18 @@ class _Keeper:
                 if all(i["state"] != "running" for i in self.containers.values()):
                     break
                 await asyncio.sleep(_POLL)
-        logs = {name: [r.to_dict() async for r in self.vm.client.logs(name)] for name in self.names}
+        logs = {
+            name: [r.to_dict() async for r in self.vm.client.logs(name)]
+            for name in (*self.inits, *self.names)
+        }
         self.save("logs.json", logs)
-        await self.vm.shutdown(grace=0)
+        await self.vm.shutdown(grace=self.infra_grace)
+
+    async def stop_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.relay
 
     async def follow_container(self) -> None:
         """Single-container VMs: CRI log and exit record on the host, then power off."""
@@ -454,8 +538,14 @@ async def _keep(paths: Paths, directory: Path, status_fd: int) -> None:
     try:
         await keeper.boot()
     except BaseException as exc:
+        await keeper.stop_relay()
         await keeper.vm.kill()
-        status.write(json.dumps({"ok": False, "error": str(exc)}) + "\n")
+        subject = {
+            key: value
+            for key, value in (exc.subject if isinstance(exc, MagikrunError) else {}).items()
+            if isinstance(value, str | int | float | None)
+        }
+        status.write(json.dumps({"ok": False, "error": str(exc), "subject": subject}) + "\n")
         status.close()
         raise
     socket_path = directory / "control.sock"
@@ -473,6 +563,7 @@ async def _keep(paths: Paths, directory: Path, status_fd: int) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await ended
     server.close()
+    await keeper.stop_relay()
     await keeper.vm.kill()
     socket_path.unlink(missing_ok=True)
 

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,7 @@ from ..vminit import (
     PORT_NAME,
     ControlClient,
     GuestConfig,
+    GuestInfra,
     GuestProcess,
     early_init_script,
 )
@@ -127,6 +129,12 @@ class VmConfig:
     """Test-only: the guest's init never reports ready."""
     shares: tuple[tuple[str, str], ...] = ()
     """Writable host directories shared at the same path in the guest ((tag, path) pairs)."""
+    read_only_shares: tuple[tuple[str, str], ...] = ()
+    """Host directories shared read-only at the same path ((tag, path) pairs)."""
+    init: tuple[GuestProcess, ...] = ()
+    """Run one by one, each to a zero exit, before ``processes`` (init containers)."""
+    infra: GuestInfra | None = None
+    """The pod's infra program, started before anything else."""
     setup: tuple[tuple[str, ...], ...] = ()
     """Commands the guest runs before its processes (network configuration)."""
     extra_args: tuple[str, ...] = field(default=())
@@ -169,10 +177,27 @@ def host_shares() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], .
         elif path.is_dir():
             directories.append(str(path))
     for extra in (os.path.realpath(sys.base_prefix), _PACKAGE):
-        if not any(extra == d or extra.startswith(d + "/") for d in directories):
+        if not _covered(extra, directories):
             directories.append(extra)
     shares = tuple((f"magikrun.{index}", path) for index, path in enumerate(directories))
     return shares, tuple(links)
+
+
+def _covered(path: str, directories: Sequence[str]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in directories)
+
+
+def python_shares(extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """Directories beyond :func:`host_shares` the guest needs to run this Python as it
+    runs here: its environment (a venv's ``site-packages``, with the ``dist-info`` files
+    ``importlib.metadata`` reads entry points from) and ``extra`` directories."""
+    wanted: list[str] = [d for _, d in host_shares()[0]]
+    found: list[str] = []
+    for path in (sys.prefix, *extra):
+        if not _covered(path, wanted):
+            wanted.append(path)
+            found.append(path)
+    return tuple(found)
 
 
 def guest_init() -> bytes:
@@ -230,6 +255,14 @@ def qemu_argv(
             f"local,id=pod{index},path={escaped},security_model=passthrough",
             "-device",
             f"{ninep_dev},fsdev=pod{index},mount_tag={tag}",
+        ]
+    for index, (tag, path) in enumerate(config.read_only_shares):
+        escaped = path.replace(",", ",,")
+        argv += [
+            "-fsdev",
+            f"local,id=ro{index},path={escaped},security_model=none,readonly=on,multidevs=remap",
+            "-device",
+            f"{ninep_dev},fsdev=ro{index},mount_tag={tag}",
         ]
     nic = "virtio-net-device" if config.machine is Machine.MICROVM else "virtio-net-pci"
     if isinstance(config.network, TapNetwork):
@@ -370,7 +403,10 @@ class MicroVm:
             processes=self.config.processes,
             never_ready=self.config.never_ready,
             mounts=self.config.shares,
+            read_only_mounts=self.config.read_only_shares,
             setup=self.config.setup,
+            init=self.config.init,
+            infra=self.config.infra,
         )
         initramfs = self.directory / "initramfs.cpio"
         await asyncio.to_thread(

@@ -4,7 +4,14 @@ The guest imports only vminit's stdlib-only modules (see ``_early``); the host u
 the names below.
 """
 
-from ._client import ControlClient, ExecOutput, GuestConfig, GuestProcess, LogRecord
+from ._client import (
+    ControlClient,
+    ExecOutput,
+    GuestConfig,
+    GuestInfra,
+    GuestProcess,
+    LogRecord,
+)
 from ._early import CONFIG_PATH, early_init_script
 from ._protocol import PORT_NAME
 
@@ -14,6 +21,7 @@ __all__ = [
     "ControlClient",
     "ExecOutput",
     "GuestConfig",
+    "GuestInfra",
     "GuestProcess",
     "LogRecord",
     "early_init_script",

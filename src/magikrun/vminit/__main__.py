@@ -26,15 +26,13 @@ def _open_port() -> int:
 
 
 def serve(config: dict[str, object]) -> None:
-    """Set up mounts and network, start the configured processes, announce ready, serve."""
+    """Set up mounts and network, start the pod (see ``ControlServer.boot``), announce ready,
+    serve."""
     prepare(config)
     loop = Loop()
     supervisor = Supervisor(loop)
     server = ControlServer(_open_port(), config, supervisor, power_off)
-    processes = config.get("processes", [])
-    assert isinstance(processes, list)
-    for spec in processes:
-        server.start(spec)
+    server.boot(config)
     if not config.get("never_ready"):
         with open("/proc/uptime") as handle:
             uptime = float(handle.read().split()[0])

@@ -18,6 +18,8 @@ from typing import Any
 
 from ..errors import VmControlError
 from ..platform._limits import (
+    INFRA_EVENT_QUEUE,
+    INFRA_MESSAGE_MAX,
     VM_CONTROL_MAX_FRAME,
     VM_CONTROL_TIMEOUT,
     VM_EXEC_MAX_OUTPUT,
@@ -25,7 +27,20 @@ from ..platform._limits import (
 )
 from ._protocol import decode, encode
 
-__all__ = ["ControlClient", "ExecOutput", "GuestConfig", "GuestProcess", "LogRecord"]
+__all__ = [
+    "INFRA_GUEST_DIR",
+    "ControlClient",
+    "ExecOutput",
+    "GuestConfig",
+    "GuestInfra",
+    "GuestProcess",
+    "LogRecord",
+]
+
+INFRA_GUEST_DIR = "/run/magikrun-infra"
+"""The infra program's directory in the guest (tmpfs: its socket cannot live on 9p)."""
+_EVENT_QUEUE = 256
+"""Unsolicited frames (port requests) the host holds for its reader before refusing more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +82,22 @@ class GuestProcess:
 
 
 @dataclass(frozen=True, slots=True)
+class GuestInfra:
+    """The pod's infra program, which vminit starts before any container.
+
+    ``config`` is the host-written ``pod.json`` in a shared directory; vminit copies it
+    into ``directory`` and links ``directory/state`` to ``state`` beside it.
+    """
+
+    argv: tuple[str, ...]
+    config: str
+    directory: str = INFRA_GUEST_DIR
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"argv": list(self.argv), "config": self.config, "directory": self.directory}
+
+
+@dataclass(frozen=True, slots=True)
 class GuestConfig:
     """What the host bakes into a VM for its init: the token, the limits, what to run."""
 
@@ -78,19 +109,29 @@ class GuestConfig:
     """Writable 9p shares ((tag, guest path) pairs) mounted before the processes start."""
     setup: tuple[tuple[str, ...], ...] = ()
     """Commands run (in order, each must succeed) before the processes start."""
+    init: tuple[GuestProcess, ...] = ()
+    """Init containers: run one by one, each to a zero exit, before ``processes``."""
+    infra: GuestInfra | None = None
+    read_only_mounts: tuple[tuple[str, str], ...] = ()
+    """Read-only 9p shares ((tag, guest path) pairs), e.g. the infra program's Python."""
 
     def to_json(self) -> bytes:
         return json.dumps(
             {
                 "token": self.token,
                 "processes": [process.to_dict() for process in self.processes],
+                "init": [process.to_dict() for process in self.init],
+                "infra": None if self.infra is None else self.infra.to_dict(),
                 "never_ready": self.never_ready,
                 "mounts": [list(mount) for mount in self.mounts],
+                "read_only_mounts": [list(mount) for mount in self.read_only_mounts],
                 "setup": [list(argv) for argv in self.setup],
                 "limits": {
                     "max_frame": VM_CONTROL_MAX_FRAME,
                     "exec_max_output": VM_EXEC_MAX_OUTPUT,
                     "log_max_lines": VM_LOG_MAX_LINES,
+                    "infra_buffer": INFRA_EVENT_QUEUE,
+                    "infra_message_max": INFRA_MESSAGE_MAX,
                 },
             }
         ).encode()
@@ -164,7 +205,9 @@ class ControlClient:
         self._closed: VmControlError | None = None
         self._lock = asyncio.Lock()
         self.rejections: list[str] = []
-        """Errors the guest sent for frames it could not read (no request id)."""
+        """Errors the guest sent for frames it could not read (no request id), and
+        unsolicited frames refused because ``next_event``'s queue was full."""
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_EVENT_QUEUE)
         self._task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
@@ -183,6 +226,8 @@ class ControlClient:
             self._ready.exception()
         for queue in self._pending.values():
             queue.put_nowait({"ok": False, "error": str(error), "closed": True})
+        with contextlib.suppress(asyncio.QueueFull):
+            self._events.put_nowait({"closed": True})
 
     async def _read_loop(self) -> None:
         try:
@@ -202,6 +247,11 @@ class ControlClient:
                     return
                 if message.get("event") == "ready" and not self._ready.done():
                     self._ready.set_result(message)
+                elif "event" in message and "id" not in message:
+                    try:
+                        self._events.put_nowait(message)
+                    except asyncio.QueueFull:
+                        self.rejections.append(f"unsolicited frame dropped: {message}")
                 request_id = message.get("id")
                 if request_id is None and message.get("ok") is False:
                     self.rejections.append(str(message.get("error")))
@@ -296,9 +346,30 @@ class ControlClient:
             if "item" in message:
                 yield LogRecord.from_dict(message["item"])
 
-    async def hold(self) -> None:
-        """No more restarts of the guest's processes."""
-        await self.request("hold")
+    async def next_event(self) -> dict[str, Any]:
+        """The next unsolicited frame other than ``ready`` (a port request);
+        :class:`VmControlError` once the channel closed."""
+        if self._events.empty() and self._closed is not None:
+            raise self._closed
+        message = await self._events.get()
+        if message.get("closed"):
+            assert self._closed is not None
+            raise self._closed
+        return message
+
+    async def boot(self) -> dict[str, Any]:
+        """How far the guest got starting the pod: ``stage``, ``failure``, ``infra``."""
+        result: dict[str, Any] = await self.request("boot")
+        return result
+
+    async def port_result(self, request: int, error: str | None) -> None:
+        """Answer the guest's port request ``request`` (``error`` None: it is open)."""
+        await self.request("port-result", request=request, error=error)
+
+    async def hold(self, grace: float | None = None) -> None:
+        """No more restarts of the guest's processes; with ``grace``, the pod's infra
+        extensions are told it is stopping (before the host TERMs the containers)."""
+        await self.request("hold", grace=grace)
 
     async def stop(self, grace: float) -> None:
         """Stop every process (SIGTERM, ``grace`` s, SIGKILL) and power the guest off."""

@@ -52,6 +52,14 @@ class Loop:
     def remove_reader(self, fd: int) -> None:
         self._selector.unregister(fd)
 
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` while ``fd`` is writable (one kind of interest per fd: callers
+        that also read register a ``dup`` of it)."""
+        self._selector.register(fd, selectors.EVENT_WRITE, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._selector.unregister(fd)
+
     def call_later(self, delay: float, callback: Callable[[], None]) -> list[bool]:
         """Run ``callback`` after ``delay`` s; set the returned flag's [0] to cancel it."""
         cancelled = [False]

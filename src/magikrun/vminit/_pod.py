@@ -16,11 +16,13 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["SHARE_OPTIONS", "prepare"]
+__all__ = ["READ_ONLY_OPTIONS", "SHARE_OPTIONS", "prepare"]
 
 BUSYBOX = "/bin/busybox"
 SHARE_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288"
 """Writable pod shares: no ``cache=loose``, the host writes into them as well."""
+READ_ONLY_OPTIONS = SHARE_OPTIONS + ",cache=loose,ro"
+"""Read-only host directories (a Python's site-packages): cached, as the guest's root is."""
 
 
 def _run(argv: list[str]) -> None:
@@ -32,13 +34,15 @@ def _run(argv: list[str]) -> None:
 
 
 def prepare(config: dict[str, Any]) -> None:
-    """Mount ``config["mounts"]`` ((tag, path) pairs), then run each ``config["setup"]`` argv."""
-    mounts = config.get("mounts", [])
+    """Mount ``config["mounts"]`` and ``config["read_only_mounts"]`` ((tag, path) pairs),
+    then run each ``config["setup"]`` argv."""
+    mounts = [(tag, path, SHARE_OPTIONS) for tag, path in config.get("mounts", [])]
+    mounts += [(tag, path, READ_ONLY_OPTIONS) for tag, path in config.get("read_only_mounts", [])]
     if mounts:
         _run([BUSYBOX, "mount", "-o", "remount,rw", "/"])
-        for tag, path in mounts:
+        for tag, path, options in mounts:
             _run([BUSYBOX, "mkdir", "-p", str(path)])
-            _run([BUSYBOX, "mount", "-t", "9p", "-o", SHARE_OPTIONS, str(tag), str(path)])
+            _run([BUSYBOX, "mount", "-t", "9p", "-o", options, str(tag), str(path)])
         _run([BUSYBOX, "mount", "-o", "remount,ro", "/"])
     for argv in config.get("setup", []):
         _run([str(arg) for arg in argv])

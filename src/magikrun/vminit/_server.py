@@ -9,15 +9,19 @@ from _operator import _compare_digest as compare_digest  # hmac uses it; hmac lo
 from collections.abc import Callable
 
 from ._init import LogBuffer, Process, Supervisor
-from ._protocol import PORT_NAME, decode, encode
+from ._protocol import OPS, PORT_NAME, decode, encode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._infra import InfraRelay
+
 __all__ = ["ControlServer", "Service", "find_port"]
 
 PORTS = "/sys/class/virtio-ports"
+_INFRA_STOP_SLACK = 2.0
+"""Seconds the infra program gets beyond the grace (its ``on_stop`` may use all of it)."""
 
 
 def find_port(name: str = PORT_NAME, ports: str = PORTS) -> str:
@@ -34,6 +38,7 @@ class Service:
 
     The policy is Kubernetes': ``Always``, ``OnFailure`` (a non-zero exit) or
     ``Never``; a restart waits ``backoff`` seconds, doubling up to ``backoff_cap``.
+    An init container (``spec["init"]``) runs once, to completion.
     """
 
     def __init__(self, name: str, logs: LogBuffer, spec: dict[str, Any]) -> None:
@@ -44,9 +49,12 @@ class Service:
         self.followers: list[tuple[Any, int]] = []
         self.restarts = 0
         self.restarting = False
+        self.init = bool(spec.get("init"))
 
     def wants_restart(self) -> bool:
         assert self.process is not None
+        if self.init:
+            return False
         policy = self.spec.get("restart", "Never")
         return policy == "Always" or (policy == "OnFailure" and self.process.exit_code != 0)
 
@@ -68,7 +76,12 @@ class Service:
 
 
 class ControlServer:
-    """Serves the host's requests; everything but ``hello`` waits for the token."""
+    """Serves the host's requests; everything but ``hello`` waits for the token.
+
+    :meth:`boot` runs the pod: the infra program (when the pod has extensions) until it
+    is ready, then each init container to completion, in order, then the app
+    containers. ``stage`` and ``failure`` (what stopped the boot) answer ``boot``.
+    """
 
     def __init__(
         self,
@@ -83,6 +96,8 @@ class ControlServer:
         self._max_frame = int(limits["max_frame"])
         self._max_output = int(limits["exec_max_output"])
         self._max_lines = int(limits["log_max_lines"])
+        self._infra_buffer = int(limits["infra_buffer"])
+        self._infra_message_max = int(limits["infra_message_max"])
         self._supervisor = supervisor
         self._on_stop = on_stop
         self._authenticated = False
@@ -91,6 +106,12 @@ class ControlServer:
         self.services: dict[str, Service] = {}
         self.holding = False
         """Set by ``hold`` and ``stop``: no more restarts."""
+        self.stage = "infra"
+        self.failure: dict[str, Any] | None = None
+        self.infra: InfraRelay | None = None
+        self._inits: list[dict[str, Any]] = []
+        self._apps: list[dict[str, Any]] = []
+        self._told_stopping = False
         supervisor.on_signal = self._forward
         supervisor.loop.add_reader(fd, self._readable)
 
@@ -100,10 +121,62 @@ class ControlServer:
         while data:
             data = data[os.write(self._fd, data) :]
 
+    def boot(self, config: dict[str, Any]) -> None:
+        """Start the pod: infra program, init containers one by one, app containers."""
+        self._inits = [{**spec, "init": True} for spec in config.get("init", [])]
+        self._apps = list(config.get("processes", []))
+        infra = config.get("infra")
+        if not infra:
+            self._next()
+            return
+        from ._infra import InfraRelay  # (its socket import costs a boot without infra)
+
+        self.infra = InfraRelay(
+            self._supervisor,
+            infra,
+            max_buffer=self._infra_buffer,
+            max_message=self._infra_message_max,
+            logs=LogBuffer(self._max_lines),
+            on_ready=self._next,
+            on_failed=self._failed,
+            on_port=self._port_request,
+        )
+
+    def _next(self) -> None:
+        if self.holding:
+            return
+        if self._inits:
+            self.stage = "init"
+            self.start(self._inits.pop(0))
+            return
+        self.stage = "apps"
+        for spec in self._apps:
+            self.start(spec)
+
+    def _failed(self, failure: dict[str, Any]) -> None:
+        self.failure = failure
+
+    def _port_request(self, message: dict[str, Any]) -> None:
+        """An extension's port request, passed on to the host as an unsolicited frame."""
+        self.send(
+            {
+                "event": "port",
+                "request": message.get("id"),
+                "protocol": message.get("protocol"),
+                "host_port": message.get("host_port"),
+                "container_port": message.get("container_port"),
+            }
+        )
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.infra is not None:
+            self.infra.send_event(kind, **fields)
+
     def start(self, spec: dict[str, Any]) -> None:
         """Start one boot-time process whose output becomes log records (kept across
         restarts)."""
         service = self.services.get(str(spec["name"]))
+        restarted = service is not None
         if service is None:
             service = Service(str(spec["name"]), LogBuffer(self._max_lines), spec)
             self.services[service.name] = service
@@ -116,6 +189,11 @@ class ControlServer:
             lambda data: self._logged(service, "stderr", data),
             lambda process: self._service_done(service),
         )
+        if restarted:
+            self._event("ContainerRestarted", name=service.name, restart_count=service.restarts)
+        else:
+            self._event("ContainerCreated", name=service.name)
+        self._event("ContainerStarted", name=service.name, pid=service.process.pid)
 
     def _forward(self, sig: int) -> None:
         for service in self.services.values():
@@ -128,7 +206,16 @@ class ControlServer:
 
     def _service_done(self, service: Service) -> None:
         service.logs.flush()
-        if not self.holding and service.wants_restart():
+        assert service.process is not None
+        code = service.process.exit_code
+        reason = "Completed" if code == 0 else "Error"
+        self._event("ContainerExited", name=service.name, exit_code=code, reason=reason)
+        if service.init:
+            if code == 0:
+                self._next()
+            else:
+                self.failure = {"kind": "init", "name": service.name, "exit_code": code}
+        elif not self.holding and service.wants_restart():
             service.restarting = True
             delay = service.backoff()
             service.restarts += 1
@@ -194,7 +281,9 @@ class ControlServer:
                 return
             if not self._authenticated:
                 raise PermissionError("say hello with the VM's token first")
-            handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+            handler = None
+            if isinstance(op, str) and op in OPS:
+                handler = getattr(self, "_op_" + op.replace("-", "_"), None)
             if handler is None:
                 raise ValueError(f"unknown op {op!r}")
             handler(request_id, request)
@@ -249,6 +338,23 @@ class ControlServer:
         result = {name: service.status() for name, service in self.services.items()}
         self.send({"id": request_id, "ok": True, "result": result})
 
+    def _op_boot(self, request_id: Any, request: dict[str, Any]) -> None:
+        """How far the boot got, what stopped it, the infra program's state."""
+        result = {
+            "stage": self.stage,
+            "failure": self.failure,
+            "infra": None if self.infra is None else self.infra.status(),
+        }
+        self.send({"id": request_id, "ok": True, "result": result})
+
+    def _op_port_result(self, request_id: Any, request: dict[str, Any]) -> None:
+        """The host's answer to a port request (``request``: its id; ``error`` or null)."""
+        if self.infra is None:
+            raise ValueError("this pod runs no infra program")
+        error = request.get("error")
+        self.infra.port_result(int(request["request"]), None if error is None else str(error))
+        self.send({"id": request_id, "ok": True, "result": None})
+
     def _op_logs(self, request_id: Any, request: dict[str, Any]) -> None:
         service = self.services.get(str(request["name"]))
         if service is None:
@@ -265,28 +371,50 @@ class ControlServer:
             return
         self._feed_followers(service)
 
-    def _op_hold(self, request_id: Any, request: dict[str, Any]) -> None:
-        """No more restarts (before the host stops the containers one by one)."""
+    def _stopping(self, grace: float) -> None:
+        """No more restarts or boot steps; the extensions hear ``PodStopping`` once."""
         self.holding = True
+        if not self._told_stopping:
+            self._told_stopping = True
+            self._event("PodStopping", grace=grace)
+
+    def _op_hold(self, request_id: Any, request: dict[str, Any]) -> None:
+        """No more restarts (before the host stops the containers one by one); with
+        ``grace``, the extensions are told the pod is stopping."""
+        self.holding = True
+        if request.get("grace") is not None:
+            self._stopping(float(request["grace"]))
         self.send({"id": request_id, "ok": True, "result": None})
 
     def _op_stop(self, request_id: Any, request: dict[str, Any]) -> None:
-        self.holding = True
-        alive = [s.process for s in self.services.values() if s.process and not s.process.done]
+        """TERM the containers, KILL them after ``grace``; then the infra program, told
+        of every exit first, gets its own ``grace`` the same way; answer, power off."""
+        grace = float(request.get("grace", 10.0))
+        self._stopping(grace)
+        apps = [s.process for s in self.services.values() if s.process and not s.process.done]
+        infra = self.infra
         loop = self._supervisor.loop
+        infra_told = [infra is None]
 
-        def finish() -> None:
-            if all(process.done for process in alive):
-                self.send({"id": request_id, "ok": True, "result": None})
-                loop.call_later(0.05, self._on_stop)
-            else:
-                loop.call_later(0.02, finish)
-
-        def force() -> None:
-            for process in alive:
+        def kill_all(processes: list[Process]) -> None:
+            for process in processes:
                 Supervisor.signal_group(process, signal.SIGKILL)
 
-        for process in alive:
+        def finish() -> None:
+            if not all(process.done for process in apps):
+                loop.call_later(0.02, finish)
+                return
+            if not infra_told[0] and infra is not None:
+                infra_told[0] = True
+                infra.shutdown()
+                loop.call_later(grace + _INFRA_STOP_SLACK, lambda: kill_all([infra.process]))
+            if infra is not None and not infra.process.done:
+                loop.call_later(0.02, finish)
+                return
+            self.send({"id": request_id, "ok": True, "result": None})
+            loop.call_later(0.05, self._on_stop)
+
+        for process in apps:
             Supervisor.signal_group(process, signal.SIGTERM)
-        loop.call_later(float(request.get("grace", 10.0)), force)
+        loop.call_later(grace, lambda: kill_all(apps))
         finish()
