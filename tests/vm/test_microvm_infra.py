@@ -75,7 +75,8 @@ async def test_health_extension_in_a_microvm_pod(paths: Paths) -> None:
                 == {"prep": "exited", "app": "running", "job": "running"}
             ),
         )
-        assert document["pod"] == {"name": "vmhealth", "namespace": "default", "ip": GUEST_IP}
+        assert handle.ip is not None and handle.ip.startswith("10.89.")  # on the bridge
+        assert document["pod"] == {"name": "vmhealth", "namespace": "default", "ip": handle.ip}
         prep = next(c for c in document["containers"] if c["name"] == "prep")
         assert (prep["exitCode"], prep["reason"]) == (0, "Completed")
         touched = await runtime.exec(handle.id, "app", ["touch", "/data/go"])
@@ -107,7 +108,7 @@ async def test_third_party_extension_is_loaded_by_name_in_the_guest(
     spec = PodSpec.from_yaml(
         infra_pod("vmrecorder", "recorder", {"app": "sleep 600"}, config={"recorder": '{"a": 1}'})
     )
-    runtime = MicroVmPodRuntime(paths)
+    runtime = MicroVmPodRuntime(paths, network="user")
     handle = await runtime.run_pod(spec)
     try:
         state = pod_dir(paths, handle.id) / "infra" / "state" / "recorder"
@@ -187,10 +188,12 @@ class LatePort(InfraExtension):
 
 @pytest.mark.slow
 @needs_vm
+@pytest.mark.parametrize("network", ["bridge", "user"])
 async def test_port_requested_after_start_is_opened(
-    paths: Paths, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+    paths: Paths, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, network: str
 ) -> None:
-    """A port asked for on an event, after ``on_start`` and the boot, is forwarded too."""
+    """A port asked for on an event, after ``on_start`` and the boot, is forwarded too
+    (by CNI portmap on the bridge, by QEMU's hostfwd on user-mode networking)."""
     await build_demo_images(paths)
     ext = short_tmp / "late"
     (ext / "magikrun_late-1.0.dist-info").mkdir(parents=True)
@@ -211,7 +214,7 @@ async def test_port_requested_after_start_is_opened(
             config={"lateport": json.dumps({"hostPort": port})},
         )
     )
-    runtime = MicroVmPodRuntime(paths)
+    runtime = MicroVmPodRuntime(paths, network=network)
     handle = await runtime.run_pod(spec)
     try:
         opened = pod_dir(paths, handle.id) / "infra" / "state" / "lateport" / "opened"
