@@ -78,7 +78,9 @@ class _Infra:
         self.idle = asyncio.Event()
         self.idle.set()
         self.one_at_a_time = asyncio.Lock()
-        self.pending: dict[int, asyncio.Future[str | None]] = {}
+        self.pending: dict[int, tuple[dict[str, Any], asyncio.Future[str | None]]] = {}
+        """Port requests not answered yet, by id: a host connection that ends leaves its
+        requests to the next one (``run_pod`` hands over to the pod's supervisor)."""
         self.next_id = 0
         self.ready = False
 
@@ -86,18 +88,19 @@ class _Infra:
         await self.connected.wait()
         assert self.writer is not None
         self.next_id += 1
+        message = {
+            "type": "port",
+            "id": self.next_id,
+            "protocol": protocol,
+            "host_port": host_port,
+            "container_port": container_port,
+        }
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = future
-        await write_message(
-            self.writer,
-            {
-                "type": "port",
-                "id": self.next_id,
-                "protocol": protocol,
-                "host_port": host_port,
-                "container_port": container_port,
-            },
-        )
+        self.pending[self.next_id] = (message, future)
+        try:
+            await write_message(self.writer, message)
+        except OSError as exc:  # still pending: the next host connection gets it
+            _log.info("port request %d waits for the next host: %s", self.next_id, exc)
         error = await future
         if error is not None:
             raise RuntimeError(f"port {host_port}->{container_port}/{protocol} refused: {error}")
@@ -190,13 +193,17 @@ class _Infra:
             self.connected.set()
             self.idle.clear()
             try:
+                for message, _ in list(self.pending.values()):
+                    await write_message(writer, message)
                 while True:
                     self.handle(await read_message(reader))
-            except ChannelClosed as exc:
-                for future in self.pending.values():
-                    if not future.done():
-                        future.set_result(f"the host went away ({exc})")
-                self.pending.clear()
+            except (ChannelClosed, OSError) as exc:
+                if self.pending:
+                    _log.info(
+                        "the host left %d port requests for the next one: %s",
+                        len(self.pending),
+                        exc,
+                    )
             finally:
                 self.writer = None
                 self.connected.clear()
@@ -234,7 +241,7 @@ class _Infra:
             except (KeyError, TypeError, ValueError) as exc:
                 _log.warning("bad event from the host: %s", exc)
         elif kind == "port-result":
-            future = self.pending.pop(int(message.get("id", -1)), None)
+            _, future = self.pending.pop(int(message.get("id", -1)), (None, None))
             if future is not None and not future.done():
                 error = message.get("error")
                 future.set_result(None if error is None else str(error))
