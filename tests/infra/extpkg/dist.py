@@ -11,6 +11,7 @@ recorder = magikrun_testext:Recorder
 failstart = magikrun_testext:FailStart
 slow = magikrun_testext:Slow
 flaky = magikrun_testext:Flaky
+porter = magikrun_testext:Porter
 """
 
 
