@@ -133,3 +133,15 @@ async def test_port_request_of_a_host_network_pod_is_refused(env: PodEnv, ext_pa
     await runtime.delete_pod(handle.id, force=True)
     assert env.leftovers() == {}
     assert f"--dport {port}" not in _nat()
+
+
+async def test_stop_pod_gives_on_stop_its_grace(env: PodEnv, ext_path: Path) -> None:
+    runtime = env.native()
+    config = {"lingering": '{"stop": 3}'}  # over the pod's own grace of 2 s
+    spec = PodSpec.from_yaml(infra_pod(unique(), "lingering", {"app": "sleep 600"}, config=config))
+    handle = await runtime.run_pod(spec)
+    await runtime.stop_pod(handle.id, grace=5)
+    state = pod_dir(env.paths, handle.id) / "infra" / "state" / "lingering"
+    assert (state / "stopped").exists() and not (state / "cut").exists()
+    await runtime.delete_pod(handle.id)
+    assert env.leftovers() == {}

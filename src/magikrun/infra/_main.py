@@ -29,7 +29,7 @@ from typing import Any
 
 from ..platform._limits import INFRA_EVENT_QUEUE, INFRA_MESSAGE_MAX
 from ._channel import ChannelClosed, read_message, write_message
-from ._events import Event, EventsDropped, event_from_json
+from ._events import Event, EventsDropped, PodStopping, event_from_json
 from ._extension import InfraContext, InfraExtension
 
 __all__ = ["ENTRY_POINT_GROUP", "load_extension", "main"]
@@ -83,6 +83,8 @@ class _Infra:
         requests to the next one (``run_pod`` hands over to the pod's supervisor)."""
         self.next_id = 0
         self.ready = False
+        self.grace = float(pod.get("grace", 5.0))
+        """The pod's grace period; a ``PodStopping`` event brings the one of this stop."""
 
     async def request_port(self, protocol: str, host_port: int, container_port: int) -> None:
         await self.connected.wait()
@@ -140,6 +142,8 @@ class _Infra:
             self.running.append(running)
 
     def deliver(self, event: Event) -> None:
+        if isinstance(event, PodStopping):
+            self.grace = event.grace
         for running in self.running:
             try:
                 running.queue.put_nowait(event)
@@ -259,7 +263,6 @@ class _StartFailed(Exception):
 async def _run(directory: Path) -> int:
     pod = json.loads((directory / "pod.json").read_text())
     sys.path.extend(p for p in pod.get("path", []) if p not in sys.path)
-    grace = float(pod.get("grace", 5.0))
     infra = _Infra(directory, pod)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -278,7 +281,7 @@ async def _run(directory: Path) -> int:
             handshake.cancel()
             stop.cancel()
         if handshake.cancelled():  # stopped before the extensions were all up
-            await infra.stop(grace)
+            await infra.stop(infra.grace)
             return 0
         if not handshake.result():
             await stopping.wait()
@@ -287,11 +290,11 @@ async def _run(directory: Path) -> int:
             consumers = [group.create_task(infra.consume(r)) for r in infra.running]
             await stopping.wait()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
+                async with asyncio.timeout(infra.grace):
                     await infra.drain()
             for task in consumers:
                 task.cancel()
-        await infra.stop(grace)
+        await infra.stop(infra.grace)
     return 0
 
 

@@ -12,6 +12,7 @@ failstart = magikrun_testext:FailStart
 slow = magikrun_testext:Slow
 flaky = magikrun_testext:Flaky
 porter = magikrun_testext:Porter
+lingering = magikrun_testext:Lingering
 """
 
 

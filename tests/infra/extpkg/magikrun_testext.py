@@ -4,8 +4,9 @@
 fails in ``on_start``; ``slow`` takes ``config["delay"]`` seconds per event; ``flaky``
 raises on every ``ContainerStarted``; ``porter`` serves ``late`` on ``config["port"]`` and,
 at the first event of kind ``config["on"]``, requests the host port ``config["hostPort"]``
-for it, writing ``ok`` or the refusal to ``port`` in its state dir. All of them record what
-they get.
+for it, writing ``ok`` or the refusal to ``port`` in its state dir; ``lingering`` takes
+``config["stop"]`` seconds in ``on_stop`` (writing ``cut`` when it is cancelled meanwhile).
+All of them record what they get.
 """
 
 from __future__ import annotations
@@ -78,4 +79,14 @@ class Porter(Recorder):
     async def on_stop(self, ctx: InfraContext) -> None:
         if self.server is not None:
             self.server.close()
+        await super().on_stop(ctx)
+
+
+class Lingering(Recorder):
+    async def on_stop(self, ctx: InfraContext) -> None:
+        try:
+            await asyncio.sleep(float(ctx.config["stop"]))  # type: ignore[index]
+        except asyncio.CancelledError:
+            (ctx.state_dir / "cut").write_text("yes")
+            raise
         await super().on_stop(ctx)
