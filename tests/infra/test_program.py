@@ -148,38 +148,35 @@ async def test_port_request_without_a_forwarder_is_refused(program: Program) -> 
     assert code == 1
 
 
-async def test_on_stop_gets_the_grace_period(program: Program) -> None:
-    proc, directory = await program(["lingering"], {"lingering": '{"stop": 1.5}'}, grace=10.0)
+async def _lingering(
+    program: Program, stop: float, grace: float, stopping: float | None = None
+) -> tuple[Path, str]:
+    """Run ``lingering`` (``stop`` seconds in ``on_stop``) with the pod's ``grace``, tell it
+    ``PodStopping(stopping)`` when given, stop it; its state dir and the program's log."""
+    proc, directory = await program(["lingering"], {"lingering": f'{{"stop": {stop}}}'}, grace)
     link = await InfraLink.connect_unix(directory, on_port=None, pod_id="default_p")
     await link.wait_ready()
+    if stopping is not None:
+        await link.send(PodStopping(grace=stopping))
     await link.aclose()
     code, err = await _stop(proc)
     assert code == 0
-    state = directory / "state" / "lingering"
+    return directory / "state" / "lingering", err
+
+
+async def test_on_stop_gets_the_grace_period(program: Program) -> None:
+    state, err = await _lingering(program, stop=1.5, grace=10.0)
     assert (state / "stopped").exists()  # 1.5 s is over the 1 s floor, within the grace
     assert not (state / "cut").exists()
     assert "failed to stop" not in err
 
 
 async def test_on_stop_is_cut_at_the_end_of_the_grace_period(program: Program) -> None:
-    proc, directory = await program(["lingering"], {"lingering": '{"stop": 600}'}, grace=1.5)
-    link = await InfraLink.connect_unix(directory, on_port=None, pod_id="default_p")
-    await link.wait_ready()
-    await link.aclose()
-    code, err = await _stop(proc)
-    assert code == 0
-    state = directory / "state" / "lingering"
+    state, err = await _lingering(program, stop=600, grace=1.5)
     assert (state / "cut").exists() and not (state / "stopped").exists()
     assert "extension lingering failed to stop" in err
 
 
 async def test_on_stop_gets_the_grace_of_the_stop(program: Program) -> None:
-    proc, directory = await program(["lingering"], {"lingering": '{"stop": 1.5}'}, grace=0.5)
-    link = await InfraLink.connect_unix(directory, on_port=None, pod_id="default_p")
-    await link.wait_ready()
-    await link.send(PodStopping(grace=10.0))  # stop_pod's grace over the pod's own
-    await link.aclose()
-    code, _ = await _stop(proc)
-    assert code == 0
-    state = directory / "state" / "lingering"
+    state, _ = await _lingering(program, stop=1.5, grace=0.5, stopping=10.0)  # stop_pod's
     assert (state / "stopped").exists() and not (state / "cut").exists()
