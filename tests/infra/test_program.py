@@ -1,5 +1,6 @@
 """The infra program itself, run as the infra container runs it (a real process and socket):
-bounded queues with reported overflow, counted ``on_event`` errors, unknown extensions."""
+bounded queues with reported overflow, counted ``on_event`` errors, unknown extensions,
+``on_stop`` within the grace period."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from typing import Any
 import pytest
 
 from magikrun.errors import InfraExtensionFailed
-from magikrun.infra import ContainerCreated, ContainerExited, ContainerStarted, InfraLink
+from magikrun.infra import (
+    ContainerCreated,
+    ContainerExited,
+    ContainerStarted,
+    InfraLink,
+    PodStopping,
+)
 from magikrun.infra._host import write_pod_config
 from magikrun.platform._limits import INFRA_EVENT_QUEUE
 from tests.infra._kit import free_port
@@ -29,7 +36,9 @@ async def program(short_tmp: Path) -> AsyncIterator[Program]:
     started: list[asyncio.subprocess.Process] = []
     ext = install(short_tmp / "ext")
 
-    async def start(extensions: list[str], config: dict[str, str] | None = None) -> Any:
+    async def start(
+        extensions: list[str], config: dict[str, str] | None = None, grace: float = 30.0
+    ) -> Any:
         directory = short_tmp / "infra"
         directory.mkdir(mode=0o700)
         annotations = {f"magikrun.io/infra-config.{k}": v for k, v in (config or {}).items()}
@@ -42,7 +51,7 @@ async def program(short_tmp: Path) -> AsyncIterator[Program]:
             annotations=annotations,
             pod_ip=None,
             placement="native",
-            grace=30.0,
+            grace=grace,
             extensions=extensions,
             path=[str(ext)],
         )
@@ -137,3 +146,37 @@ async def test_port_request_without_a_forwarder_is_refused(program: Program) -> 
     await link.aclose()
     code, _ = await _stop(proc)
     assert code == 1
+
+
+async def _lingering(
+    program: Program, stop: float, grace: float, stopping: float | None = None
+) -> tuple[Path, str]:
+    """Run ``lingering`` (``stop`` seconds in ``on_stop``) with the pod's ``grace``, tell it
+    ``PodStopping(stopping)`` when given, stop it; its state dir and the program's log."""
+    proc, directory = await program(["lingering"], {"lingering": f'{{"stop": {stop}}}'}, grace)
+    link = await InfraLink.connect_unix(directory, on_port=None, pod_id="default_p")
+    await link.wait_ready()
+    if stopping is not None:
+        await link.send(PodStopping(grace=stopping))
+    await link.aclose()
+    code, err = await _stop(proc)
+    assert code == 0
+    return directory / "state" / "lingering", err
+
+
+async def test_on_stop_gets_the_grace_period(program: Program) -> None:
+    state, err = await _lingering(program, stop=1.5, grace=10.0)
+    assert (state / "stopped").exists()  # 1.5 s is over the 1 s floor, within the grace
+    assert not (state / "cut").exists()
+    assert "failed to stop" not in err
+
+
+async def test_on_stop_is_cut_at_the_end_of_the_grace_period(program: Program) -> None:
+    state, err = await _lingering(program, stop=600, grace=1.5)
+    assert (state / "cut").exists() and not (state / "stopped").exists()
+    assert "extension lingering failed to stop" in err
+
+
+async def test_on_stop_gets_the_grace_of_the_stop(program: Program) -> None:
+    state, _ = await _lingering(program, stop=1.5, grace=0.5, stopping=10.0)  # stop_pod's
+    assert (state / "stopped").exists() and not (state / "cut").exists()

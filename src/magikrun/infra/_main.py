@@ -29,7 +29,7 @@ from typing import Any
 
 from ..platform._limits import INFRA_EVENT_QUEUE, INFRA_MESSAGE_MAX
 from ._channel import ChannelClosed, read_message, write_message
-from ._events import Event, EventsDropped, event_from_json
+from ._events import Event, EventsDropped, PodStopping, event_from_json
 from ._extension import InfraContext, InfraExtension
 
 __all__ = ["ENTRY_POINT_GROUP", "load_extension", "main"]
@@ -78,26 +78,31 @@ class _Infra:
         self.idle = asyncio.Event()
         self.idle.set()
         self.one_at_a_time = asyncio.Lock()
-        self.pending: dict[int, asyncio.Future[str | None]] = {}
+        self.pending: dict[int, tuple[dict[str, Any], asyncio.Future[str | None]]] = {}
+        """Port requests not answered yet, by id: a host connection that ends leaves its
+        requests to the next one (``run_pod`` hands over to the pod's supervisor)."""
         self.next_id = 0
         self.ready = False
+        self.grace = float(pod.get("grace", 5.0))
+        """The pod's grace period; a ``PodStopping`` event brings the one of this stop."""
 
     async def request_port(self, protocol: str, host_port: int, container_port: int) -> None:
         await self.connected.wait()
         assert self.writer is not None
         self.next_id += 1
+        message = {
+            "type": "port",
+            "id": self.next_id,
+            "protocol": protocol,
+            "host_port": host_port,
+            "container_port": container_port,
+        }
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = future
-        await write_message(
-            self.writer,
-            {
-                "type": "port",
-                "id": self.next_id,
-                "protocol": protocol,
-                "host_port": host_port,
-                "container_port": container_port,
-            },
-        )
+        self.pending[self.next_id] = (message, future)
+        try:
+            await write_message(self.writer, message)
+        except OSError as exc:  # still pending: the next host connection gets it
+            _log.info("port request %d waits for the next host: %s", self.next_id, exc)
         error = await future
         if error is not None:
             raise RuntimeError(f"port {host_port}->{container_port}/{protocol} refused: {error}")
@@ -137,6 +142,8 @@ class _Infra:
             self.running.append(running)
 
     def deliver(self, event: Event) -> None:
+        if isinstance(event, PodStopping):
+            self.grace = event.grace
         for running in self.running:
             try:
                 running.queue.put_nowait(event)
@@ -190,13 +197,17 @@ class _Infra:
             self.connected.set()
             self.idle.clear()
             try:
+                for message, _ in list(self.pending.values()):
+                    await write_message(writer, message)
                 while True:
                     self.handle(await read_message(reader))
-            except ChannelClosed as exc:
-                for future in self.pending.values():
-                    if not future.done():
-                        future.set_result(f"the host went away ({exc})")
-                self.pending.clear()
+            except (ChannelClosed, OSError) as exc:
+                if self.pending:
+                    _log.info(
+                        "the host left %d port requests for the next one: %s",
+                        len(self.pending),
+                        exc,
+                    )
             finally:
                 self.writer = None
                 self.connected.clear()
@@ -234,7 +245,7 @@ class _Infra:
             except (KeyError, TypeError, ValueError) as exc:
                 _log.warning("bad event from the host: %s", exc)
         elif kind == "port-result":
-            future = self.pending.pop(int(message.get("id", -1)), None)
+            _, future = self.pending.pop(int(message.get("id", -1)), (None, None))
             if future is not None and not future.done():
                 error = message.get("error")
                 future.set_result(None if error is None else str(error))
@@ -252,7 +263,6 @@ class _StartFailed(Exception):
 async def _run(directory: Path) -> int:
     pod = json.loads((directory / "pod.json").read_text())
     sys.path.extend(p for p in pod.get("path", []) if p not in sys.path)
-    grace = float(pod.get("grace", 5.0))
     infra = _Infra(directory, pod)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -271,7 +281,7 @@ async def _run(directory: Path) -> int:
             handshake.cancel()
             stop.cancel()
         if handshake.cancelled():  # stopped before the extensions were all up
-            await infra.stop(grace)
+            await infra.stop(infra.grace)
             return 0
         if not handshake.result():
             await stopping.wait()
@@ -280,11 +290,11 @@ async def _run(directory: Path) -> int:
             consumers = [group.create_task(infra.consume(r)) for r in infra.running]
             await stopping.wait()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
+                async with asyncio.timeout(infra.grace):
                     await infra.drain()
             for task in consumers:
                 task.cancel()
-        await infra.stop(grace)
+        await infra.stop(infra.grace)
     return 0
 
 

@@ -17,6 +17,7 @@ nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from ._fault import FaultHook
 from ._hostfiles import etc_mounts, write_etc_files
 from ._netns import create_netns
 from ._network import PodNetwork, PortMapping
+from ._ports import forward_port
 from ._rollback import Rollback
 from ._spec import Container, PodSpec, RuntimeFields, resolve_env
 from ._types import PodHandle
@@ -214,9 +216,7 @@ class NativePodRuntime(PodRuntimeBase):
                 )
             await finish_in_thread(write_etc_files, spec, directory / "etc", pod_ip=ip or None)
             self._at(where, "infra")
-            link = await self._start_infra(
-                rollback, spec, directory, extensions, ip=ip or None, netns=netns
-            )
+            link = await self._start_infra(rollback, spec, directory, extensions, ip=ip or None)
             for init in spec.init_containers:
                 self._at(where, "init", init.name)
                 await self._run_init(rollback, pod, init, link)
@@ -410,7 +410,6 @@ class NativePodRuntime(PodRuntimeBase):
         extensions: Sequence[str],
         *,
         ip: str | None,
-        netns: Path,
     ) -> InfraLink | None:
         """Start the infra container; with extensions, wait until each one started."""
         pod = spec.id
@@ -438,14 +437,10 @@ class NativePodRuntime(PodRuntimeBase):
         if not extensions:
             return None
 
-        async def forward(protocol: str, host_port: int, container_port: int) -> None:
-            mapping = PortMapping(
-                host_port=host_port, container_port=container_port, protocol=protocol
-            )
-            await self.network.add_ports(pod, netns, [mapping])
-
         link = await InfraLink.connect_unix(
-            directory / "infra", on_port=None if spec.host_network else forward, pod_id=pod
+            directory / "infra",
+            on_port=functools.partial(forward_port, self.paths, pod),
+            pod_id=pod,
         )
         rollback.push("infra-link", link.aclose)
         await link.wait_ready()

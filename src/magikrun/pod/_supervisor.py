@@ -6,12 +6,14 @@ the app containers; one that exited is restarted when the policy says so (``Alwa
 ``OnFailure`` on a non-zero code) after ``BACKOFF * 2**restarts`` seconds, capped at
 ``RESTART_BACKOFF_CAP``. It counts restarts in ``restarts.json``; SIGTERM ends it. A pod
 with infra extensions gets its containers' exits and restarts reported to the infra
-program (whatever the policy: the supervisor then runs for ``Never`` too).
+program (whatever the policy: the supervisor then runs for ``Never`` too), and opens the
+host port forwards its extensions ask for meanwhile (see :func:`._ports.forward_port`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import sys
@@ -24,6 +26,7 @@ from ..platform._limits import RESTART_BACKOFF_CAP
 from ..platform._paths import Paths
 from ..runtime import ContainerStatus, ContainerStore
 from ._base import container_id, pod_dir
+from ._ports import forward_port
 from ._spec import RestartPolicy
 from ._state import PodStore
 from ._undo import container_runtime
@@ -61,7 +64,9 @@ async def supervise(paths: Paths, pod_id: str, backoff: float, stopping: asyncio
     infra = pod_dir(paths, pod_id) / "infra"
     link = None
     if infra.is_dir():
-        link = await InfraLink.connect_unix(infra, on_port=None, pod_id=pod_id)
+        link = await InfraLink.connect_unix(
+            infra, on_port=functools.partial(forward_port, paths, pod_id), pod_id=pod_id
+        )
     try:
         async with asyncio.TaskGroup() as group:
             if link is not None:

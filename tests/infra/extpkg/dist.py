@@ -11,6 +11,8 @@ recorder = magikrun_testext:Recorder
 failstart = magikrun_testext:FailStart
 slow = magikrun_testext:Slow
 flaky = magikrun_testext:Flaky
+porter = magikrun_testext:Porter
+lingering = magikrun_testext:Lingering
 """
 
 
