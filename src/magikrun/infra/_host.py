@@ -207,13 +207,17 @@ class InfraLink:
             ) from exc
 
     async def serve(self) -> None:
-        """Answer port requests until the infra program closes the channel."""
+        """Answer port requests until the infra program closes the channel.
+
+        A channel that closes while a forward is being added ends the loop quietly: the
+        forward was recorded before it was made, so the pod's removal undoes it.
+        """
         while True:
             try:
                 message = await read_message(self._reader)
-            except ChannelClosed:
+                await self._answer(message)
+            except (ChannelClosed, ConnectionError):
                 return
-            await self._answer(message)
 
     async def send(self, event: Event) -> None:
         """Deliver one event (the infra program queues it per extension)."""
