@@ -43,7 +43,8 @@ async def test_pod_shares_emptydir_logs_exec_status_and_leaves_nothing(env: PodE
             "reader",
             SLEEP,
             "    volumeMounts: [{name: shared, mountPath: /data, readOnly: true}]\n"
-            "    env: [{name: MY_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]\n",
+            "    env: [{name: MY_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}},\n"
+            "          {name: MY_HOST, valueFrom: {fieldRef: {fieldPath: status.hostIP}}}]\n",
         ),
         "  volumes: [{name: shared, emptyDir: {}}]\n",
     )
@@ -62,6 +63,9 @@ async def test_pod_shares_emptydir_logs_exec_status_and_leaves_nothing(env: PodE
     assert [c.state for c in status.containers] == ["running", "running"]
     env_out = await runtime.exec(handle.id, "reader", ["sh", "-c", "echo $MY_IP; hostname"])
     assert env_out.stdout.decode().split() == [handle.ip, name]
+    route = await runtime.exec(handle.id, "reader", ["sh", "-c", "echo $MY_HOST; ip route"])
+    host_ip, routes = route.stdout.decode().split("\n", 1)
+    assert f"default via {host_ip} " in routes  # the host, as the pod reaches it
     refused = await runtime.exec(handle.id, "reader", ["touch", "/data/y"])
     assert refused.exit_code != 0
     hosts = await runtime.exec(handle.id, "writer", ["cat", "/etc/hosts"])

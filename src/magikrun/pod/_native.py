@@ -62,6 +62,8 @@ _INFRA_DIR = "/run"
 """Where the infra container sees its directory (``pod.json``, ``infra.sock``, ``state/``)."""
 _SHARED_NS = ("ipc", "uts", "pid")
 """Namespaces the infra container holds besides the network one (bound under ``ns/``)."""
+_NETWORK_FIELDS = ("status.podIP", "status.podIPs", "status.hostIP", "status.hostIPs")
+"""Downward-API fields known only once the pod is on the network."""
 
 
 def _bind(source: str, target: Path, *, readonly: bool = False) -> None:
@@ -166,9 +168,10 @@ class NativePodRuntime(PodRuntimeBase):
                 lambda: finish_in_thread(self._make_pod_dir, spec, directory),
             )
             volumes = await finish_in_thread(prepare_volumes, spec, directory)
-            ip = ""
+            # The host as a pod reaches it: itself on its network, else the bridge's gateway.
+            ip, host_ip = "", "127.0.0.1" if spec.host_network else ""
             configs = {
-                c.name: self._config(spec, c, directory, netns, volumes, ip)
+                c.name: self._config(spec, c, directory, netns, volumes, ip, host_ip)
                 for c in (*spec.init_containers, *spec.containers)
             }
             await together(
@@ -210,6 +213,7 @@ class NativePodRuntime(PodRuntimeBase):
                     pod,
                     images=images,
                     ip=ip,
+                    host_ip=status.gateway,
                     directory=directory,
                     netns=netns,
                     volumes=volumes,
@@ -259,6 +263,7 @@ class NativePodRuntime(PodRuntimeBase):
         netns: Path,
         volumes: dict[str, Path],
         ip: str,
+        host_ip: str,
     ) -> ContainerConfig:
         cid = container_id(spec.id, c.name)
         sc = c.security_context
@@ -270,7 +275,7 @@ class NativePodRuntime(PodRuntimeBase):
         namespaces["uts"] = str(directory / "ns" / "uts")
         if spec.share_process_namespace:
             namespaces["pid"] = str(directory / "ns" / "pid")
-        env = resolve_env(c, spec, RuntimeFields(pod_ip=ip, host_ip="127.0.0.1"))
+        env = resolve_env(c, spec, RuntimeFields(pod_ip=ip, host_ip=host_ip))
         env.setdefault("HOSTNAME", spec.effective_hostname)
         return ContainerConfig(
             name=cid,
@@ -334,16 +339,17 @@ class NativePodRuntime(PodRuntimeBase):
         *,
         images: dict[str, Image],
         ip: str,
+        host_ip: str,
         directory: Path,
         netns: Path,
         volumes: dict[str, Path],
     ) -> None:
-        """Rewrite the config of containers whose env refers to the pod IP, now known."""
+        """Rewrite the config of containers whose env refers to the pod's or host's IP."""
         for c in (*spec.init_containers, *spec.containers):
-            if not any(v.field_ref in ("status.podIP", "status.podIPs") for v in c.env):
+            if not any(v.field_ref in _NETWORK_FIELDS for v in c.env):
                 continue
             cid = container_id(pod, c.name)
-            config = self._config(spec, c, directory, netns, volumes, ip)
+            config = self._config(spec, c, directory, netns, volumes, ip, host_ip)
             rootfs = self.images.snapshots.rootfs(cid)
             assert rootfs is not None
             await finish_in_thread(
