@@ -137,7 +137,7 @@ class _Infra:
                 running = _Running(extension, self.context(name))
                 await extension.on_start(running.ctx)
             except Exception as exc:
-                await self.stop(0.0)
+                await self.stop(asyncio.get_running_loop().time())
                 raise _StartFailed(name, f"{type(exc).__name__}: {exc}") from exc
             self.running.append(running)
 
@@ -177,10 +177,9 @@ class _Infra:
                 running.errors,
             )
 
-    async def stop(self, grace: float) -> None:
-        """``on_stop`` of every started extension, in reverse, within ``grace`` seconds."""
+    async def stop(self, deadline: float) -> None:
+        """``on_stop`` of every started extension, in reverse, until ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
         for running in reversed(self.running):
             try:
                 async with asyncio.timeout_at(max(deadline, loop.time() + 1.0)):
@@ -281,7 +280,7 @@ async def _run(directory: Path) -> int:
             handshake.cancel()
             stop.cancel()
         if handshake.cancelled():  # stopped before the extensions were all up
-            await infra.stop(infra.grace)
+            await infra.stop(asyncio.get_running_loop().time() + infra.grace)
             return 0
         if not handshake.result():
             await stopping.wait()
@@ -289,12 +288,15 @@ async def _run(directory: Path) -> int:
         async with asyncio.TaskGroup() as group:
             consumers = [group.create_task(infra.consume(r)) for r in infra.running]
             await stopping.wait()
+            # One grace for the queued events and on_stop together, so the host's
+            # grace-bound kill of the infra process never cuts on_stop short.
+            deadline = asyncio.get_running_loop().time() + infra.grace
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(infra.grace):
+                async with asyncio.timeout_at(deadline):
                     await infra.drain()
             for task in consumers:
                 task.cancel()
-        await infra.stop(infra.grace)
+        await infra.stop(deadline)
     return 0
 
 
