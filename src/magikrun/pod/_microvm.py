@@ -34,7 +34,15 @@ from ..platform._limits import (
 )
 from ..platform._paths import Paths
 from ..runtime import ExecResult
-from ..runtime._microvm import CRUN, ask, ask_one, exec_result, spawn_keeper, vm_alive
+from ..runtime._microvm import (
+    CRUN,
+    ask,
+    ask_one,
+    crun_run,
+    exec_result,
+    spawn_keeper,
+    vm_alive,
+)
 from ..runtime._store import stop_pid_file
 from ._base import PodRuntimeBase, _Where, container_id, pod_dir, together
 from ._fault import FaultHook
@@ -207,7 +215,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
             cid = container_id(spec.id, c.name)
             bundle = self.paths.bundles / cid
             shares += [str(bundle), str(rootfs[c.name])]
-            argv = [*CRUN, "run", "--bundle", str(bundle), cid]
+            argv = crun_run(bundle, cid)
             processes.append(
                 {
                     "name": c.name,

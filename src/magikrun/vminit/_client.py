@@ -296,6 +296,12 @@ class ControlClient:
             if "item" in message:
                 yield LogRecord.from_dict(message["item"])
 
+    async def started(self, pid_files: Mapping[str, str]) -> None:
+        """Return once each named process's container runs (its ``pid_files`` entry
+        exists in the guest) or the process has ended: the guest checks, the host waits
+        (without a deadline of its own: bound it with ``asyncio.timeout``)."""
+        await self.request("started", timeout=None, files=dict(pid_files))
+
     async def hold(self) -> None:
         """No more restarts of the guest's processes."""
         await self.request("hold")

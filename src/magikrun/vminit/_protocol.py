@@ -22,7 +22,7 @@ __all__ = ["OPS", "PORT_NAME", "decode", "encode"]
 
 PORT_NAME = "org.magikrun.control"
 """Name of the virtio-serial port the guest finds under /sys/class/virtio-ports."""
-OPS = ("hello", "ping", "exec", "logs", "status", "hold", "stop")
+OPS = ("hello", "ping", "exec", "logs", "status", "started", "hold", "stop")
 """Requests the guest serves."""
 
 

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 __all__ = ["ControlServer", "Service", "find_port"]
 
 PORTS = "/sys/class/virtio-ports"
+STARTED_CHECK = 0.02
+"""Seconds between the guest's checks for a pid file (a stat, not a process)."""
 
 
 def find_port(name: str = PORT_NAME, ports: str = PORTS) -> str:
@@ -290,3 +292,29 @@ class ControlServer:
             Supervisor.signal_group(process, signal.SIGTERM)
         loop.call_later(float(request.get("grace", 10.0)), force)
         finish()
+
+    def _op_started(self, request_id: Any, request: dict[str, Any]) -> None:
+        """Answer once each named process has started its container, so the host waits
+        instead of polling with execs (each one a process under TCG).
+
+        ``files`` maps process names to the pid file their ``crun run --pid-file``
+        writes once the container runs; a process that already ended (or restarts)
+        counts as started, and the host reads its exit from ``status``.
+        """
+        files = {str(name): str(path) for name, path in request["files"].items()}
+        unknown = sorted(set(files) - set(self.services))
+        if unknown:
+            raise KeyError(f"no process {unknown[0]!r}")
+
+        def started(service: Service, path: str) -> bool:
+            process = service.process
+            over = process is None or process.done or service.restarts > 0
+            return over or service.restarting or os.path.exists(path)
+
+        def check() -> None:
+            if all(started(self.services[name], path) for name, path in files.items()):
+                self.send({"id": request_id, "ok": True, "result": None})
+            else:
+                self._supervisor.loop.call_later(STARTED_CHECK, check)
+
+        check()
