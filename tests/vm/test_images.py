@@ -123,16 +123,16 @@ def test_initramfs_is_cached_by_content_and_private_part_is_0600(paths: Paths) -
     assert other != base
     vm = paths.run / "vm.cpio"
     paths.run.mkdir(parents=True, exist_ok=True)
-    write_vm_initramfs(base, vm, {"config.json": b"{}"})
+    write_vm_initramfs((base,), vm, {"config.json": b"{}"})
     assert vm.stat().st_mode & 0o777 == 0o600
     assert vm.read_bytes().startswith(base.read_bytes())
     with pytest.raises(FileExistsError):
-        write_vm_initramfs(base, vm, {})
+        write_vm_initramfs((base,), vm, {})
 
 
 def test_early_init_mounts_the_shares_and_starts_vminit() -> None:
     script = early_init_script("/usr/bin/python3", "/pkg", SHARES).decode()
-    assert "switch_root /sysroot /usr/bin/python3 -I -S -c" in script
+    assert "switch_root /sysroot /usr/bin/python3 -I -S -X utf8 -c" in script
     assert "/run/magikrun-vm/config.json" in script
     assert "mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=524288,ro" in script
     assert "magikrun.1 /sysroot/opt/py" in script

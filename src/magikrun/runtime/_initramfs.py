@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import RuntimeUnavailable
@@ -28,6 +28,7 @@ __all__ = [
     "CpioWriter",
     "build_initramfs",
     "module_load_order",
+    "write_atomic",
     "write_vm_initramfs",
 ]
 
@@ -134,12 +135,11 @@ def module_load_order(modules_dir: Path, wanted: Iterable[str]) -> list[str]:
     return order
 
 
-def _write_cached(cache: Path, data: bytes) -> Path:
-    target = cache / f"{hashlib.sha256(data).hexdigest()}.cpio"
-    if target.is_file():
-        return target
-    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".initramfs-")
+def write_atomic(target: Path, data: bytes) -> None:
+    """Write ``target`` (its directory made 0700 if missing) through a temporary file, so a
+    cache never holds a partial file."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
@@ -147,6 +147,12 @@ def _write_cached(cache: Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_cached(cache: Path, data: bytes) -> Path:
+    target = cache / f"{hashlib.sha256(data).hexdigest()}.cpio"
+    if not target.is_file():
+        write_atomic(target, data)
     return target
 
 
@@ -183,12 +189,15 @@ def build_initramfs(
     return _write_cached(paths.cache / "initramfs", cpio.finish())
 
 
-def write_vm_initramfs(base: Path, target: Path, private: dict[str, bytes]) -> None:
-    """Write ``target`` (mode 0600): ``base`` followed by an archive of ``private`` under /vm."""
+def write_vm_initramfs(shared: Sequence[Path], target: Path, private: dict[str, bytes]) -> None:
+    """Write ``target`` (mode 0600): the ``shared`` archives in order, then an archive of
+    ``private`` under /vm."""
     extra = CpioWriter()
     for name, data in private.items():
         extra.file(f"vm/{name}", data, 0o600)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out, base.open("rb") as source:
-        shutil.copyfileobj(source, out, 1 << 20)
+    with os.fdopen(fd, "wb") as out:
+        for archive in shared:
+            with archive.open("rb") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
         out.write(extra.finish())

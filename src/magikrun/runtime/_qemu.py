@@ -36,13 +36,23 @@ from ..vminit import (
     GuestProcess,
     early_init_script,
 )
-from ._guestkernel import find_guest_kernel
+from ._guestkernel import GuestKernel, find_guest_kernel
+from ._guestpython import GUEST_PREFIX, PythonPack, pack_python
 from ._initramfs import build_initramfs, write_vm_initramfs
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
 
-__all__ = ["DEFAULT_CMDLINE", "EXTRA_BOOT_FLAGS", "Machine", "MicroVm", "UserNetwork", "VmConfig"]
+__all__ = [
+    "DEFAULT_CMDLINE",
+    "EXTRA_BOOT_FLAGS",
+    "GuestPython",
+    "Machine",
+    "MicroVm",
+    "UserNetwork",
+    "VmConfig",
+    "boot_files",
+]
 
 QEMU = "qemu-system-x86_64"
 _PACKAGE = str(Path(__file__).resolve().parent.parent)
@@ -73,6 +83,17 @@ class Machine(enum.StrEnum):
     MICROVM = "microvm"
 
 
+class GuestPython(enum.StrEnum):
+    """Where vminit's interpreter comes from.
+
+    ``packed``: the interpreter, its shared objects and the modules vminit imports in
+    the initramfs (see :mod:`._guestpython`). ``shared``: the host's, read over 9p.
+    """
+
+    PACKED = "packed"
+    SHARED = "shared"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserNetwork:
     """QEMU user-mode networking; ``host_forwards`` are (host port, guest port) TCP pairs."""
@@ -100,6 +121,7 @@ class VmConfig:
     setup: tuple[tuple[str, ...], ...] = ()
     """Commands the guest runs before its processes (network configuration)."""
     extra_args: tuple[str, ...] = field(default=())
+    python: GuestPython = GuestPython.PACKED
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -145,10 +167,25 @@ def host_shares() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], .
     return shares, tuple(links)
 
 
-def guest_init() -> bytes:
-    """The guest's ``/init`` for this host's shares and interpreter."""
+def guest_init(python: PythonPack | None = None) -> bytes:
+    """The guest's ``/init`` for this host's shares and ``python`` (packed), or the
+    host's interpreter over 9p."""
     shares, links = host_shares()
-    return early_init_script(os.path.realpath(sys.executable), _PACKAGE, shares, links)
+    if python is None:
+        return early_init_script(os.path.realpath(sys.executable), _PACKAGE, shares, links)
+    return early_init_script(python.argv, python.package, shares, links, copy=(GUEST_PREFIX,))
+
+
+def boot_files(paths: Paths, config: VmConfig) -> tuple[GuestKernel, tuple[Path, ...]]:
+    """The kernel and the shared initramfs archives (in order) ``config``'s VM boots,
+    built or taken from the cache."""
+    kernel = find_guest_kernel(paths)
+    pack = None
+    if config.python is GuestPython.PACKED:
+        pack = pack_python(paths, Path(_PACKAGE))
+    init = guest_init(pack)
+    base = build_initramfs(paths, kernel, init, modules=guest_modules(config))
+    return kernel, (base,) if pack is None else (base, pack.archive)
 
 
 def qemu_argv(
@@ -313,14 +350,7 @@ class MicroVm:
             raise
 
     async def _launch(self) -> None:
-        kernel = await asyncio.to_thread(find_guest_kernel, self.paths)
-        base = await asyncio.to_thread(
-            build_initramfs,
-            self.paths,
-            kernel,
-            guest_init(),
-            modules=guest_modules(self.config),
-        )
+        kernel, archives = await asyncio.to_thread(boot_files, self.paths, self.config)
         self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.mkdir(mode=0o700)
         token = secrets.token_urlsafe(32)
@@ -333,7 +363,7 @@ class MicroVm:
         )
         initramfs = self.directory / "initramfs.cpio"
         await asyncio.to_thread(
-            write_vm_initramfs, base, initramfs, {"config.json": guest.to_json()}
+            write_vm_initramfs, archives, initramfs, {"config.json": guest.to_json()}
         )
         ctl_host, ctl_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         qmp_host, qmp_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

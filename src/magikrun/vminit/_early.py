@@ -1,13 +1,16 @@
-"""The guest's ``/init``: a busybox script that gets the host's Python running as PID 1.
+"""The guest's ``/init``: a busybox script that gets Python running vminit as PID 1.
 
 Python cannot start before its files are reachable, and they live on the host: so a
 few lines of busybox shell load the modules, build a root on tmpfs from a few host
 directories shared read-only (``/usr``, the Python installation, the magikrun package:
 never the host's whole root, which holds other users' files and secrets), give it
 fresh /proc, /sys, /dev, /run, /tmp and cgroup2, copy the VM's private configuration
-to a guest-only tmpfs, and ``switch_root`` into the host's Python running vminit.
+to a guest-only tmpfs, and ``switch_root`` into Python running vminit: the host's
+interpreter over the shares, or one packed into the initramfs (copied into the new
+root, since ``switch_root`` empties the initramfs) that reads nothing from the host.
 
-Python starts with ``-I -S`` and a bootstrap that registers ``magikrun`` and
+Python starts with ``-I -S -X utf8`` under ``LC_ALL=C`` (no locale files to read, UTF-8
+all the same) and a bootstrap that registers ``magikrun`` and
 ``magikrun.vminit`` as bare packages: the guest then imports only vminit's own
 stdlib-only modules, not the site machinery, ``magikrun/__init__`` or the host-side
 client (each of which costs the boot hundreds of milliseconds under TCG).
@@ -39,21 +42,32 @@ _BOOTSTRAP = (
 
 
 def early_init_script(
-    python: str,
+    python: str | Sequence[str],
     package: str,
     shares: Sequence[tuple[str, str]],
     links: Sequence[tuple[str, str]] = (),
     share: str = "9p",
+    *,
+    copy: Sequence[str] = (),
 ) -> bytes:
     """The ``/init`` text: mount ``shares`` ((tag, host path) pairs, each at the same path
     in the guest) over ``share``, add the top-level ``links`` ((name, target) pairs such
-    as ``bin -> usr/bin``), and start vminit with ``python`` from ``package``.
+    as ``bin -> usr/bin``), copy the initramfs directories ``copy`` to the same paths in
+    the new root (``switch_root`` empties the initramfs), and start vminit with
+    ``python`` (the interpreter, or the command line that starts it) from ``package``.
     """
     if share not in _MOUNT_OPTIONS:
         raise ValueError(f"unknown root share {share!r} (9p or virtiofs)")
     q = shlex.quote
     bootstrap = _BOOTSTRAP.format(package=package)
+    command = " ".join(map(q, [python] if isinstance(python, str) else python))
     lines = [f"$B ln -s {q(target)} /sysroot/{q(name)}" for name, target in links]
+    for directory in copy:
+        parent = directory.rsplit("/", 1)[0]
+        lines.append(f"$B mkdir -p /sysroot{q(parent)}")
+        lines.append(
+            f'$B cp -a {q(directory)} /sysroot{q(parent)}/ || fail "cannot copy {directory}"'
+        )
     for tag, path in shares:
         lines.append(f"$B mkdir -p /sysroot{q(path)}")
         lines.append(
@@ -87,5 +101,6 @@ $B mkdir -p /sysroot/dev/pts /sysroot/dev/shm
 $B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /sysroot/dev/pts
 $B mount -t tmpfs -o mode=1777,nosuid,nodev shm /sysroot/dev/shm
 $B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sysroot/sys/fs/cgroup
-exec $B switch_root /sysroot {q(python)} -I -S -c {q(bootstrap)} {CONFIG_PATH}
+export LC_ALL=C
+exec $B switch_root /sysroot {command} -I -S -X utf8 -c {q(bootstrap)} {CONFIG_PATH}
 """.encode()
