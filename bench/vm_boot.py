@@ -8,11 +8,11 @@ answered ``hello`` and ``ping``; and the whole boot-ping-shutdown. Both ways vmi
 Python can come (``packed`` into the initramfs, ``shared`` from the host over 9p) are
 timed, each against the bare boot of its own initramfs; runs are interleaved.
 
-Also times bare-boot variants to show what the kernel image, the machine type and the
-kernel command line cost: the bzImage instead of the vmlinux, ``microvm`` instead of
-q35, and the command line without the boot-time flags. Prints medians, ratios, the
-guest's uptime when vminit reported ready (the rest of the host's time is QEMU and
-firmware before the kernel's clock starts) and the load average.
+Also times bare-boot variants to show what the kernel image, the firmware, the machine
+type and the kernel command line cost: the bzImage instead of the vmlinux, SeaBIOS
+instead of qboot, ``microvm`` instead of q35, and the command line with more flags.
+Prints medians, ratios, the guest's uptime when vminit reported ready (the rest of the
+host's time is QEMU and firmware before the kernel's clock starts) and the load.
 
     .venv/bin/python bench/vm_boot.py [--runs 5] [--variant-runs 3] [--python both]
 """
@@ -169,6 +169,11 @@ def main() -> None:
         base_rd = bare_rd[kinds[0]]
         variants = {
             "bare, bzImage instead of vmlinux": (config, bzimage, base_rd),
+            "bare, SeaBIOS instead of qboot": (
+                VmConfig(accel=accel, firmware=None, python=config.python),
+                kernel.vmlinux,
+                base_rd,
+            ),
             "bare, cmdline plus boot-saver flags": (
                 VmConfig(
                     accel=accel, cmdline=DEFAULT_CMDLINE + EXTRA_BOOT_FLAGS, python=config.python

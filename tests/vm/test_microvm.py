@@ -205,3 +205,11 @@ async def test_qemu_that_cannot_start_is_reported(paths: Paths) -> None:
         await vm.boot()
     assert "no-such-device" in str(caught.value)
     _assert_gone(vm, vm.pid)
+
+
+async def test_missing_firmware_is_reported(paths: Paths) -> None:
+    vm = MicroVm(paths, VmConfig(firmware="no-such-firmware.rom"))
+    with pytest.raises(VmBootFailed, match="QEMU status 1") as caught:
+        await vm.boot()
+    assert "no-such-firmware.rom" in str(caught.value)
+    _assert_gone(vm, vm.pid)
