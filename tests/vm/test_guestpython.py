@@ -21,6 +21,7 @@ from magikrun.runtime._guestpython import (
 )
 from magikrun.runtime._initramfs import BUSYBOX
 from magikrun.runtime._qemu import _PACKAGE
+from magikrun.vminit._early import NEW_ROOT
 
 PACKAGE = Path(_PACKAGE)
 GUEST_MODULES = ("__main__", "_init", "_pod", "_protocol", "_server")
@@ -81,7 +82,7 @@ def _entries(archive: Path) -> set[str]:
 
 def test_pack_holds_vminit_and_its_stdlib_and_is_cached(paths: Paths, tmp_path: Path) -> None:
     pack = pack_python(paths, PACKAGE)
-    prefix = GUEST_PREFIX.lstrip("/")
+    prefix = f"{NEW_ROOT}{GUEST_PREFIX}".lstrip("/")
     names = _entries(pack.archive)
     lib = f"{prefix}/lib/python{sys.version_info.major}.{sys.version_info.minor}"
     for module in GUEST_MODULES:
@@ -106,7 +107,7 @@ def test_packed_interpreter_runs_vminit_from_the_pack_alone(paths: Paths, tmp_pa
     pack = pack_python(paths, PACKAGE)
     with pack.archive.open("rb") as data:
         subprocess.run([str(BUSYBOX), "cpio", "-id"], stdin=data, cwd=tmp_path, check=True)
-    root = str(tmp_path)
+    root = str(tmp_path / NEW_ROOT.lstrip("/"))
     argv = [root + pack.argv[0], pack.argv[1], root + pack.argv[2], root + pack.argv[3]]
     probe = (
         "import sys,types,json\n"

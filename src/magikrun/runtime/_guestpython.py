@@ -35,13 +35,15 @@ from typing import Any
 
 from ..errors import RuntimeUnavailable
 from ..platform import Paths
+from ..vminit._early import NEW_ROOT
 from ._initramfs import CpioWriter, write_atomic
 
 __all__ = ["GUEST_PREFIX", "PythonPack", "loadable_image", "pack_python", "vminit_imports"]
 
 GUEST_PREFIX = "/opt/magikrun-python"
-"""Where the packed interpreter lives in the initramfs and, copied, in the guest's root."""
-_FORMAT = 1
+"""Where the packed interpreter lives in the guest's root (under ``NEW_ROOT`` in the
+initramfs, which becomes that root)."""
+_FORMAT = 2
 """Bumped when the pack's layout changes, so older cached packs are not reused."""
 _PROBE_TIMEOUT = 30.0
 _PROBE = """
@@ -209,7 +211,7 @@ def _build(python: str, package: Path) -> tuple[bytes, tuple[str, ...], str]:
     found = _probe_all(python, package)
     stdlib = Path(found["stdlib"])
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    prefix = GUEST_PREFIX.lstrip("/")
+    prefix = f"{NEW_ROOT}{GUEST_PREFIX}".lstrip("/")
     tree = _Tree(CpioWriter())
     executable = Path(python).read_bytes()
     loader = _interpreter(executable)

@@ -37,7 +37,7 @@ from ..vminit import (
     early_init_script,
 )
 from ._guestkernel import GuestKernel, find_guest_kernel
-from ._guestpython import GUEST_PREFIX, PythonPack, pack_python
+from ._guestpython import PythonPack, pack_python
 from ._initramfs import build_initramfs, write_vm_initramfs
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def guest_init(python: PythonPack | None = None) -> bytes:
     shares, links = host_shares()
     if python is None:
         return early_init_script(os.path.realpath(sys.executable), _PACKAGE, shares, links)
-    return early_init_script(python.argv, python.package, shares, links, copy=(GUEST_PREFIX,))
+    return early_init_script(python.argv, python.package, shares, links)
 
 
 def boot_files(paths: Paths, config: VmConfig) -> tuple[GuestKernel, tuple[Path, ...]]:
