@@ -39,6 +39,18 @@ class GuestKernel:
     version: str
     vmlinux: Path
     modules: Path
+    config: Path | None = None
+    """The kernel's build configuration (``/boot/config-VERSION``), where installed."""
+
+    def enforces_module_signatures(self) -> bool:
+        """Whether the kernel may refuse unsigned modules: unless its configuration
+        shows it does not (no forced signatures, no forced lockdown)."""
+        if self.config is None:
+            return True
+        text = self.config.read_text(errors="replace")
+        forced = ("CONFIG_MODULE_SIG_FORCE=y", "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY=y",
+                  "CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY=y")  # fmt: skip
+        return any(line in text.splitlines() for line in forced)
 
 
 def _zstd(data: bytes) -> bytes:
@@ -147,4 +159,10 @@ def find_guest_kernel(
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    return GuestKernel(version=version, vmlinux=target, modules=modules / version)
+    config = boot / f"config-{version}"
+    return GuestKernel(
+        version=version,
+        vmlinux=target,
+        modules=modules / version,
+        config=config if config.is_file() else None,
+    )

@@ -15,6 +15,7 @@ import lzma
 import os
 import shutil
 import stat
+import struct
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "CpioWriter",
     "build_initramfs",
     "module_load_order",
+    "strip_signature",
     "write_atomic",
     "write_vm_initramfs",
 ]
@@ -39,6 +41,7 @@ costs the boot about 50 ms under TCG, so callers add only what a VM uses
 (``virtio_mmio`` on microvm, ``virtio_net`` for a NIC, ``virtiofs``)."""
 
 _PAD = b"\0" * 512
+_SIGNATURE_MARK = b"~Module signature appended~\n"
 
 
 class CpioWriter:
@@ -90,6 +93,17 @@ def _read_module(path: Path) -> bytes:
 
         return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
     return data
+
+
+def strip_signature(module: bytes) -> bytes:
+    """``module`` without its appended signature (``struct module_signature`` and the
+    marker after the signer, key id and signature bytes it sizes)."""
+    if not module.endswith(_SIGNATURE_MARK):
+        return module
+    info = module[-len(_SIGNATURE_MARK) - 12 : -len(_SIGNATURE_MARK)]
+    signer, key_id = info[3], info[4]
+    (signature,) = struct.unpack(">I", info[8:12])
+    return module[: len(module) - len(_SIGNATURE_MARK) - 12 - signer - key_id - signature]
 
 
 def _module_name(relative: str) -> str:
@@ -167,6 +181,10 @@ def build_initramfs(
     """The shared archive (busybox, modules, ``/init``) for ``kernel``, from the cache if built.
 
     ``/modules.list`` names the modules in load order for ``/init`` to ``insmod``.
+    Their signatures are left out where the kernel does not enforce them: the host
+    read them from its own module tree, and checking them cost the guest about 0.2 s
+    of its boot under TCG (module loading 0.50-0.55 s against 0.65-0.83 s, three
+    interleaved pairs).
     """
     if not busybox.is_file():
         raise RuntimeUnavailable(
@@ -180,9 +198,11 @@ def build_initramfs(
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     listing = []
+    signed = kernel.enforces_module_signatures()
     for index, relative in enumerate(order):
         stored = f"{index:02d}-{_module_name(relative)}.ko"
-        cpio.file(f"modules/{stored}", _read_module(kernel.modules / relative))
+        module = _read_module(kernel.modules / relative)
+        cpio.file(f"modules/{stored}", module if signed else strip_signature(module))
         listing.append(stored)
     cpio.file("modules.list", ("\n".join(listing) + "\n").encode())
     cpio.file("init", init, 0o755)
