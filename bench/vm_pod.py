@@ -3,10 +3,11 @@
 magikrun: ``MicroVmPodRuntime.run_pod`` of one busybox container (image cached) until it
 returns (the VM booted, vminit ready, crun running the container), and the whole
 run-stop-delete. Bare: ``qemu-system-x86_64`` with the same kernel, the same initramfs
-(with an ``/init`` that reboots at once), machine, accelerator, size and devices as
-the pod's VM, from launch until QEMU exits (``bench/vm_boot.py``'s bare boot). Runs
-alternate; prints medians, the ratio (target: pod start <= 1.5x the bare boot) and the
-load average (the machine is shared: compare ratios from one run).
+(with an ``/init`` that reboots at once), machine, accelerator, size and devices (its
+three pod shares too) as the pod's VM, from launch until QEMU exits
+(``bench/vm_boot.py``'s bare boot). Runs alternate; prints medians, the ratio (target:
+pod start <= 1.5x the bare boot) and the load average (the machine is shared: compare
+ratios from one run).
 
     .venv/bin/python bench/vm_pod.py [--runs 3]
 """
@@ -68,7 +69,19 @@ def main() -> None:
         accel = choose_accel(paths)
         kernel = find_guest_kernel(paths)
         vcpus, memory = vm_size(PodSpec.from_yaml(POD.format(name="size").encode()))
-        config = VmConfig(accel=accel, vcpus=vcpus, memory_mib=memory, network=UserNetwork())
+        shares: list[
+            tuple[str, str]
+        ] = []  # as many writable 9p devices as the pod's VM gets (pod dir, bundle, rootfs)
+        for name in ("pod", "bundle", "rootfs"):
+            (work / name).mkdir()
+            shares.append((f"pod.{len(shares)}", str(work / name)))
+        config = VmConfig(
+            accel=accel,
+            vcpus=vcpus,
+            memory_mib=memory,
+            network=UserNetwork(),
+            shares=tuple(shares),
+        )
         bare_rd = bare_initramfs(paths, config, work / "bare.cpio")
         print(
             f"accelerator {accel}, machine {config.machine}, {vcpus} vCPU, {memory} MiB,"
