@@ -30,6 +30,12 @@ BOOT_DIR = Path("/boot")
 MODULES_DIR = Path("/lib/modules")
 _ELF_MAGIC = b"\x7fELF"
 _VERSION = re.compile(r"^vmlinuz-(\d[\w.+~-]*)$")
+_FORCED_SIGNATURES = (
+    "CONFIG_MODULE_SIG_FORCE=y",
+    "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY=y",
+    "CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY=y",
+)
+"""Kernel options under which a module without a valid signature is refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +53,8 @@ class GuestKernel:
         shows it does not (no forced signatures, no forced lockdown)."""
         if self.config is None:
             return True
-        text = self.config.read_text(errors="replace")
-        forced = ("CONFIG_MODULE_SIG_FORCE=y", "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY=y",
-                  "CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY=y")  # fmt: skip
-        return any(line in text.splitlines() for line in forced)
+        lines = self.config.read_text(errors="replace").splitlines()
+        return any(option in lines for option in _FORCED_SIGNATURES)
 
 
 def _zstd(data: bytes) -> bytes:

@@ -251,19 +251,10 @@ def _build(python: str, package: Path) -> tuple[bytes, tuple[str, ...], str]:
     return tree.cpio.finish(), argv, f"{GUEST_PREFIX}/magikrun"
 
 
-def pack_python(paths: Paths, package: Path, python: str | None = None) -> PythonPack:
-    """The packed interpreter for vminit from ``package``, built once per change.
-
-    ``python`` (default: this process's interpreter, which compiles the ``.pyc``
-    files, so it must be that one) is keyed by its content and version, vminit by
-    its sources.
-    """
-    python = os.path.realpath(python or sys.executable)
-    if python != os.path.realpath(sys.executable):
-        raise RuntimeUnavailable(
-            f"the guest's Python {python} is not the one running magikrun",
-            hint="the pack's .pyc files are compiled by this interpreter",
-        )
+def pack_python(paths: Paths, package: Path) -> PythonPack:
+    """This process's interpreter (it compiles the ``.pyc`` files) packed for vminit
+    from ``package``; built once per change of the interpreter or vminit's sources."""
+    python = os.path.realpath(sys.executable)
     key = hashlib.sha256(f"{_FORMAT} {python} {sys.version}\n".encode())
     key.update(hashlib.sha256(Path(python).read_bytes()).digest())
     for source in sorted((package / "vminit").glob("*.py")):

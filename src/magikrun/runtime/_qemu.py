@@ -128,6 +128,7 @@ class VmConfig:
     """Commands the guest runs before its processes (network configuration)."""
     extra_args: tuple[str, ...] = field(default=())
     python: GuestPython = GuestPython.PACKED
+    """Where vminit's interpreter comes from: packed into the initramfs, or the host's."""
     firmware: str | None = QBOOT
     """The q35 firmware (``-bios``); None for QEMU's default. microvm brings its own."""
 
