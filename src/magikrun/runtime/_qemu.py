@@ -76,8 +76,10 @@ EXTRA_BOOT_FLAGS = (
 """Flags that speed up boots elsewhere; kept for ``bench/vm_boot.py`` to compare."""
 QBOOT = "qboot.rom"
 """QEMU's minimal firmware (in its data directory): it only loads the kernel, where
-SeaBIOS (q35's default) spends about 0.5 s of CPU under TCG before it (QEMU's CPU time
-for a bare boot to init: 3.19-3.36 s against 3.80-4.39 s, three interleaved pairs)."""
+SeaBIOS (q35's default) also runs the NIC's iPXE option ROM. Bare boots to init with a
+NIC under TCG, interleaved: median 3.72 s against 4.12 s (5 pairs, load 0.8); without
+a NIC no clear difference (3.22/3.78 against 3.06/3.08 s). ``bench/vm_boot.py`` times
+SeaBIOS as a variant."""
 _CONSOLE_TAIL = 2048
 _EXIT_WAIT = 5.0
 
