@@ -3,9 +3,11 @@
 magikrun: ``MicroVmPodRuntime.run_pod`` of one busybox container (image cached) until it
 returns (the VM booted, vminit ready, crun running the container), and the whole
 run-stop-delete. Bare: ``qemu-system-x86_64`` with the same kernel, the same initramfs
-(with an ``/init`` that reboots at once), machine, accelerator, size and devices as
-the pod's VM, from launch until QEMU exits (``bench/vm_boot.py``'s bare boot). Runs
-alternate; prints medians and the ratio (target: pod start <= 1.5x the bare boot).
+(with an ``/init`` that reboots at once), machine, accelerator, size and devices (its
+three pod shares too) as the pod's VM, from launch until QEMU exits
+(``bench/vm_boot.py``'s bare boot). Runs alternate; prints medians, the ratio (target:
+pod start <= 1.5x the bare boot) and the load average (the machine is shared: compare
+ratios from one run).
 
     .venv/bin/python bench/vm_pod.py [--runs 3]
 """
@@ -23,21 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vm_boot import BARE_INIT, bare_boot
+from vm_boot import bare_boot, bare_initramfs, load
 
 from magikrun.image import build_demo_images
 from magikrun.platform import Paths
 from magikrun.pod import PodSpec
 from magikrun.pod._microvm import MicroVmPodRuntime, vm_size
 from magikrun.runtime._guestkernel import find_guest_kernel
-from magikrun.runtime._initramfs import CpioWriter, build_initramfs
-from magikrun.runtime._qemu import (
-    UserNetwork,
-    VmConfig,
-    choose_accel,
-    guest_init,
-    guest_modules,
-)
+from magikrun.runtime._qemu import UserNetwork, VmConfig, choose_accel
 
 POD = """\
 apiVersion: v1
@@ -74,13 +69,24 @@ def main() -> None:
         accel = choose_accel(paths)
         kernel = find_guest_kernel(paths)
         vcpus, memory = vm_size(PodSpec.from_yaml(POD.format(name="size").encode()))
-        config = VmConfig(accel=accel, vcpus=vcpus, memory_mib=memory, network=UserNetwork())
-        base = build_initramfs(paths, kernel, guest_init(), modules=guest_modules(config))
-        bare_init = CpioWriter()
-        bare_init.file("init", BARE_INIT, 0o755)
-        bare_rd = work / "bare.cpio"
-        bare_rd.write_bytes(base.read_bytes() + bare_init.finish())
-        print(f"accelerator {accel}, machine {config.machine}, {vcpus} vCPU, {memory} MiB")
+        shares: list[
+            tuple[str, str]
+        ] = []  # as many writable 9p devices as the pod's VM gets (pod dir, bundle, rootfs)
+        for name in ("pod", "bundle", "rootfs"):
+            (work / name).mkdir()
+            shares.append((f"pod.{len(shares)}", str(work / name)))
+        config = VmConfig(
+            accel=accel,
+            vcpus=vcpus,
+            memory_mib=memory,
+            network=UserNetwork(),
+            shares=tuple(shares),
+        )
+        bare_rd = bare_initramfs(paths, config, work / "bare.cpio")
+        print(
+            f"accelerator {accel}, machine {config.machine}, {vcpus} vCPU, {memory} MiB,"
+            f" vminit's Python {config.python}; load {load()} at start"
+        )
         runtime = MicroVmPodRuntime(paths)
         asyncio.run(pod_run(runtime))  # warm the caches
         bare: list[float | None] = []
@@ -96,6 +102,7 @@ def main() -> None:
                 bare.append(bare_boot(config, accel, kernel.vmlinux, bare_rd, work))
         median_bare = statistics.median(t for t in bare if t is not None)
         median_running = statistics.median(running)
+        print(f"-- medians, load {load()} at the end")
         print(
             f"bare qemu boot to init (and exit)     median {median_bare:6.2f} s  over {len(bare)}"
             f"  ({bare.count(None)} hung)"

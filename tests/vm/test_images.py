@@ -14,12 +14,14 @@ import zstandard
 
 from magikrun.errors import RuntimeUnavailable
 from magikrun.platform import Paths
-from magikrun.runtime._guestkernel import extract_vmlinux, find_guest_kernel
+from magikrun.runtime._guestkernel import GuestKernel, extract_vmlinux, find_guest_kernel
 from magikrun.runtime._initramfs import (
     BUSYBOX,
     CpioWriter,
+    _read_module,
     build_initramfs,
     module_load_order,
+    strip_signature,
     write_vm_initramfs,
 )
 from magikrun.vminit import early_init_script
@@ -123,16 +125,18 @@ def test_initramfs_is_cached_by_content_and_private_part_is_0600(paths: Paths) -
     assert other != base
     vm = paths.run / "vm.cpio"
     paths.run.mkdir(parents=True, exist_ok=True)
-    write_vm_initramfs(base, vm, {"config.json": b"{}"})
+    write_vm_initramfs((base,), vm, {"config.json": b"{}"})
     assert vm.stat().st_mode & 0o777 == 0o600
     assert vm.read_bytes().startswith(base.read_bytes())
     with pytest.raises(FileExistsError):
-        write_vm_initramfs(base, vm, {})
+        write_vm_initramfs((base,), vm, {})
 
 
 def test_early_init_mounts_the_shares_and_starts_vminit() -> None:
     script = early_init_script("/usr/bin/python3", "/pkg", SHARES).decode()
-    assert "switch_root /sysroot /usr/bin/python3 -I -S -c" in script
+    assert "mount --bind /sysroot /sysroot" in script
+    assert "mount --move . /" in script
+    assert "exec $B chroot . /usr/bin/python3 -I -S -X utf8 -c" in script
     assert "/run/magikrun-vm/config.json" in script
     assert "mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=524288,ro" in script
     assert "magikrun.1 /sysroot/opt/py" in script
@@ -158,3 +162,24 @@ def test_guest_tmp_and_run_are_mounted_before_shares_that_live_under_them() -> N
     share = script.index("magikrun.1 /sysroot/tmp/clone/src/magikrun")
     assert tmpfs < share and run < share
     assert script.count("/sysroot/tmp ||") == 1
+
+
+@needs_vm
+def test_module_signatures_are_stripped_only_where_not_enforced(
+    paths: Paths, tmp_path: Path
+) -> None:
+    kernel = find_guest_kernel(paths)
+    relative = module_load_order(kernel.modules, ["9p"])[-1]
+    signed = _read_module(kernel.modules / relative)
+    assert signed.endswith(b"~Module signature appended~\n")
+    bare = strip_signature(signed)
+    assert signed.startswith(bare) and len(bare) < len(signed) - 256
+    assert bare[:4] == b"\x7fELF"
+    assert strip_signature(bare) == bare
+    config = tmp_path / "config"
+    config.write_text("CONFIG_MODULE_SIG=y\n# CONFIG_MODULE_SIG_FORCE is not set\n")
+    lenient = GuestKernel(kernel.version, kernel.vmlinux, kernel.modules, config)
+    assert not lenient.enforces_module_signatures()
+    config.write_text("CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n")
+    assert lenient.enforces_module_signatures()
+    assert GuestKernel(kernel.version, kernel.vmlinux, kernel.modules).enforces_module_signatures()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 
 import httpx
 import pytest
@@ -13,7 +14,8 @@ from magikrun.errors import VmBootFailed, VmControlError
 from magikrun.platform import Paths
 from magikrun.platform._limits import VM_CONTROL_MAX_FRAME
 from magikrun.runtime._guestkernel import find_guest_kernel
-from magikrun.runtime._qemu import MicroVm, VmConfig
+from magikrun.runtime._guestpython import GUEST_PREFIX
+from magikrun.runtime._qemu import GuestPython, MicroVm, VmConfig
 from magikrun.vminit import GuestProcess
 
 from .conftest import SLEEPER, WEB_PORT, needs_vm
@@ -58,6 +60,41 @@ async def test_exec_output_and_exit_codes(shared_vm: MicroVm, vm_root: Paths) ->
     # PID 1 of the guest is vminit (the host's Python), not the host's init
     comm = await shared_vm.client.exec(["cat", "/proc/1/cmdline"])
     assert b"magikrun.vminit" in comm.stdout
+
+
+@shared
+async def test_started_answers_once_the_pid_file_exists(shared_vm: MicroVm) -> None:
+    client = shared_vm.client
+    waiting = asyncio.ensure_future(client.started({"sleeper": "/tmp/sleeper.pid"}))
+    await client.ping()  # answered in order: the guest has read the request by now
+    assert not waiting.done()
+    await client.exec(["touch", "/tmp/sleeper.pid"])
+    await asyncio.wait_for(waiting, 30)
+    await client.started({"ticker": "/tmp/never"})  # it ended: that counts as started
+    with pytest.raises(VmControlError, match="no process 'nobody'"):
+        await client.started({"nobody": "/tmp/x"})
+
+
+@shared
+async def test_vminit_runs_on_the_packed_interpreter(shared_vm: MicroVm) -> None:
+    comm = await shared_vm.client.exec(["cat", "/proc/1/cmdline"])
+    loader, _, _, python = comm.stdout.decode().split("\0")[:4]
+    assert loader.startswith(f"{GUEST_PREFIX}/lib/ld-")
+    assert python.startswith(f"{GUEST_PREFIX}/bin/python")
+    maps = await shared_vm.client.exec(["cat", "/proc/1/maps"])
+    files = {line.split()[-1] for line in maps.stdout.decode().splitlines() if "/" in line}
+    assert files and all(f.startswith(GUEST_PREFIX) for f in files), files
+
+
+async def test_vm_boots_with_the_hosts_python_over_9p(paths: Paths) -> None:
+    vm = MicroVm(paths, VmConfig(python=GuestPython.SHARED))
+    await vm.boot()
+    try:
+        comm = await vm.client.exec(["cat", "/proc/1/cmdline"])
+        assert comm.stdout.split(b"\0")[0] == os.path.realpath(sys.executable).encode()
+    finally:
+        await vm.shutdown(grace=0)
+    _assert_gone(vm, vm.pid)
 
 
 @shared
@@ -167,4 +204,12 @@ async def test_qemu_that_cannot_start_is_reported(paths: Paths) -> None:
     ) as caught:
         await vm.boot()
     assert "no-such-device" in str(caught.value)
+    _assert_gone(vm, vm.pid)
+
+
+async def test_missing_firmware_is_reported(paths: Paths) -> None:
+    vm = MicroVm(paths, VmConfig(firmware="no-such-firmware.rom"))
+    with pytest.raises(VmBootFailed, match="QEMU status 1") as caught:
+        await vm.boot()
+    assert "no-such-firmware.rom" in str(caught.value)
     _assert_gone(vm, vm.pid)

@@ -65,6 +65,7 @@ from ..runtime._microvm import (
     GUEST_ADDRESS,
     ask,
     ask_one,
+    crun_run,
     exec_result,
     spawn_keeper,
     vm_alive,
@@ -329,7 +330,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
             process: dict[str, Any] = {
                 "name": c.name,
                 "cid": cid,
-                "argv": [*CRUN, "run", "--bundle", str(bundle), cid],
+                "argv": crun_run(bundle, cid),
             }
             if c in spec.init_containers:
                 init.append(process)

@@ -30,6 +30,12 @@ BOOT_DIR = Path("/boot")
 MODULES_DIR = Path("/lib/modules")
 _ELF_MAGIC = b"\x7fELF"
 _VERSION = re.compile(r"^vmlinuz-(\d[\w.+~-]*)$")
+_FORCED_SIGNATURES = (
+    "CONFIG_MODULE_SIG_FORCE=y",
+    "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY=y",
+    "CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY=y",
+)
+"""Kernel options under which a module without a valid signature is refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +45,16 @@ class GuestKernel:
     version: str
     vmlinux: Path
     modules: Path
+    config: Path | None = None
+    """The kernel's build configuration (``/boot/config-VERSION``), where installed."""
+
+    def enforces_module_signatures(self) -> bool:
+        """Whether the kernel may refuse unsigned modules: unless its configuration
+        shows it does not (no forced signatures, no forced lockdown)."""
+        if self.config is None:
+            return True
+        lines = self.config.read_text(errors="replace").splitlines()
+        return any(option in lines for option in _FORCED_SIGNATURES)
 
 
 def _zstd(data: bytes) -> bytes:
@@ -147,4 +163,10 @@ def find_guest_kernel(
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    return GuestKernel(version=version, vmlinux=target, modules=modules / version)
+    config = boot / f"config-{version}"
+    return GuestKernel(
+        version=version,
+        vmlinux=target,
+        modules=modules / version,
+        config=config if config.is_file() else None,
+    )

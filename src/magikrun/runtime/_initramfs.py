@@ -15,8 +15,9 @@ import lzma
 import os
 import shutil
 import stat
+import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import RuntimeUnavailable
@@ -28,6 +29,8 @@ __all__ = [
     "CpioWriter",
     "build_initramfs",
     "module_load_order",
+    "strip_signature",
+    "write_atomic",
     "write_vm_initramfs",
 ]
 
@@ -38,6 +41,7 @@ costs the boot about 50 ms under TCG, so callers add only what a VM uses
 (``virtio_mmio`` on microvm, ``virtio_net`` for a NIC, ``virtiofs``)."""
 
 _PAD = b"\0" * 512
+_SIGNATURE_MARK = b"~Module signature appended~\n"
 
 
 class CpioWriter:
@@ -91,6 +95,17 @@ def _read_module(path: Path) -> bytes:
     return data
 
 
+def strip_signature(module: bytes) -> bytes:
+    """``module`` without its appended signature (``struct module_signature`` and the
+    marker after the signer, key id and signature bytes it sizes)."""
+    if not module.endswith(_SIGNATURE_MARK):
+        return module
+    info = module[-len(_SIGNATURE_MARK) - 12 : -len(_SIGNATURE_MARK)]
+    signer, key_id = info[3], info[4]
+    (signature,) = struct.unpack(">I", info[8:12])
+    return module[: len(module) - len(_SIGNATURE_MARK) - 12 - signer - key_id - signature]
+
+
 def _module_name(relative: str) -> str:
     base = relative.rsplit("/", 1)[-1].split(".ko", 1)[0]
     return base.replace("-", "_")
@@ -134,12 +149,11 @@ def module_load_order(modules_dir: Path, wanted: Iterable[str]) -> list[str]:
     return order
 
 
-def _write_cached(cache: Path, data: bytes) -> Path:
-    target = cache / f"{hashlib.sha256(data).hexdigest()}.cpio"
-    if target.is_file():
-        return target
-    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".initramfs-")
+def write_atomic(target: Path, data: bytes) -> None:
+    """Write ``target`` (its directory made 0700 if missing) through a temporary file, so a
+    cache never holds a partial file."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
@@ -147,6 +161,12 @@ def _write_cached(cache: Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_cached(cache: Path, data: bytes) -> Path:
+    target = cache / f"{hashlib.sha256(data).hexdigest()}.cpio"
+    if not target.is_file():
+        write_atomic(target, data)
     return target
 
 
@@ -161,6 +181,10 @@ def build_initramfs(
     """The shared archive (busybox, modules, ``/init``) for ``kernel``, from the cache if built.
 
     ``/modules.list`` names the modules in load order for ``/init`` to ``insmod``.
+    Their signatures are left out where the kernel does not enforce them: the host
+    read them from its own module tree, and checking them cost the guest about 0.2 s
+    of its boot under TCG (module loading 0.50-0.55 s against 0.65-0.83 s, three
+    interleaved pairs).
     """
     if not busybox.is_file():
         raise RuntimeUnavailable(
@@ -174,21 +198,26 @@ def build_initramfs(
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     listing = []
+    signed = kernel.enforces_module_signatures()
     for index, relative in enumerate(order):
         stored = f"{index:02d}-{_module_name(relative)}.ko"
-        cpio.file(f"modules/{stored}", _read_module(kernel.modules / relative))
+        module = _read_module(kernel.modules / relative)
+        cpio.file(f"modules/{stored}", module if signed else strip_signature(module))
         listing.append(stored)
     cpio.file("modules.list", ("\n".join(listing) + "\n").encode())
     cpio.file("init", init, 0o755)
     return _write_cached(paths.cache / "initramfs", cpio.finish())
 
 
-def write_vm_initramfs(base: Path, target: Path, private: dict[str, bytes]) -> None:
-    """Write ``target`` (mode 0600): ``base`` followed by an archive of ``private`` under /vm."""
+def write_vm_initramfs(shared: Sequence[Path], target: Path, private: dict[str, bytes]) -> None:
+    """Write ``target`` (mode 0600): the ``shared`` archives in order, then an archive of
+    ``private`` under /vm."""
     extra = CpioWriter()
     for name, data in private.items():
         extra.file(f"vm/{name}", data, 0o600)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out, base.open("rb") as source:
-        shutil.copyfileobj(source, out, 1 << 20)
+    with os.fdopen(fd, "wb") as out:
+        for archive in shared:
+            with archive.open("rb") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
         out.write(extra.finish())

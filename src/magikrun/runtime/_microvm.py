@@ -55,6 +55,8 @@ __all__ = [
     "MicroVmRuntime",
     "ask",
     "ask_one",
+    "crun_run",
+    "guest_pid_file",
     "keeper_main",
     "spawn_keeper",
 ]
@@ -88,6 +90,18 @@ from magikrun.runtime._microvm import keeper_main
 keeper_main(sys.argv[4:], status_fd)
 """
 """Starts the keeper detached (double fork, own session); its pid file is out before imports."""
+
+
+def guest_pid_file(cid: str) -> str:
+    """Where ``crun run --pid-file`` records container ``cid`` in the guest: once it is
+    there the container runs, which vminit tells the keeper (no polling from the host)."""
+    return f"/run/magikrun-{cid}.pid"
+
+
+def crun_run(bundle: Path, cid: str) -> list[str]:
+    """The guest's command that runs container ``cid`` from ``bundle`` (a host path
+    shared at the same place), recording it in :func:`guest_pid_file`."""
+    return [*CRUN, "run", "--pid-file", guest_pid_file(cid), "--bundle", str(bundle), cid]
 
 
 def alive(path: Path) -> bool:
@@ -276,19 +290,25 @@ class _Keeper:
         self.containers = await self.vm.client.status()
         self.save("state.json", {"accel": self.vm.accel, "containers": self.containers})
 
-    async def created(self, name: str) -> bool:
-        """Whether crun in the guest has the container running (not merely being made)."""
-        out = await self.vm.client.exec([*CRUN, "state", self.cids[name]])
-        return out.exit_code == 0 and json.loads(out.stdout).get("status") == "running"
-
-    async def has_run(self, name: str) -> bool:
-        """Whether the container has run: crun runs it, or it already ended (or restarts)."""
-        info = self.containers[name]
-        return info["state"] != "running" or info["restarts"] > 0 or await self.created(name)
+    async def wait_started(self, timeout: float) -> list[str]:
+        """Wait until crun runs every container (or it already ended), as vminit reports;
+        the containers whose process ended before crun ever ran them."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.vm.client.started(
+                    {name: guest_pid_file(cid) for name, cid in self.cids.items()}
+                )
+        except TimeoutError as exc:
+            raise BackendFailed(
+                f"the containers did not all run within {timeout} s",
+                hint="see the containers' logs and the images' commands",
+            ) from exc
 
     async def boot(self) -> None:
         """Boot; return once every container runs (or, gated, waits at its gate)."""
         qemu_pid = self.directory / "qemu.pid"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.vm.config.boot_timeout  # one deadline for all of it
         boot = asyncio.ensure_future(self.vm.boot())
         while not boot.done():
             pid = self.vm.pid
@@ -301,36 +321,22 @@ class _Keeper:
         if self.gated:
             await self.refresh()
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.vm.config.boot_timeout
         while True:
             stage = await self.vm.client.boot()
             if stage["failure"] is not None:
                 raise _boot_failure(stage["failure"])
-            if stage["stage"] != "apps":
-                if loop.time() > deadline:
-                    raise VmBootFailed(
-                        f"the pod did not get past its {stage['stage']} stage within "
-                        f"{self.vm.config.boot_timeout} s",
-                        hint="see the init containers' logs ('magikrun pod logs POD -c NAME')",
-                    )
-                await asyncio.sleep(_POLL)
-                continue
-            await self.refresh()
-            failed = {
-                n: i
-                for n, i in self.containers.items()
-                if i["state"] != "running" and i["exit_code"] != 0 and not i["restarts"]
-                and not i["restarting"]
-            }  # fmt: skip
-            if failed or all([await self.has_run(n) for n in self.names]):
+            if stage["stage"] == "apps":
                 break
             if loop.time() > deadline:
                 raise VmBootFailed(
-                    f"the containers did not all run within {self.vm.config.boot_timeout} s",
-                    hint="see the containers' logs and the images' commands",
+                    f"the pod did not get past its {stage['stage']} stage within "
+                    f"{self.vm.config.boot_timeout} s",
+                    hint="see the init containers' logs ('magikrun pod logs POD -c NAME')",
                 )
             await asyncio.sleep(_POLL)
+        never_ran = await self.wait_started(max(deadline - loop.time(), _POLL))
+        await self.refresh()
+        failed = {n: self.containers[n] for n in never_ran}
         if failed:
             logs = {n: [r.line async for r in self.vm.client.logs(n)] for n in failed}
             raise BackendFailed(
@@ -448,30 +454,15 @@ class _Keeper:
 
     async def wait_running(self) -> None:
         """Return once crun runs the container, or its process has already ended."""
-        name = self.names[0]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + VM_CONTROL_TIMEOUT
-        while True:
-            try:
-                if await self.created(name):
-                    return
-                await self.refresh()
-            except VmControlError:
-                # A container that exits at once can end its VM before it is seen
-                # running; the keeper's watch records its exit code.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.vm.wait(), timeout=_VM_END_WAIT)
-                if self.vm.alive:
-                    raise
-                return
-            if self.containers[name]["state"] != "running":
-                return
-            if loop.time() > deadline:
-                raise BackendFailed(
-                    f"crun did not start the container within {VM_CONTROL_TIMEOUT} s",
-                    hint="see the container's log",
-                )
-            await asyncio.sleep(_POLL / 4)
+        try:
+            await self.wait_started(VM_CONTROL_TIMEOUT)
+        except VmControlError:
+            # A container that exits at once can end its VM before it is seen
+            # running; the keeper's watch records its exit code.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.vm.wait(), timeout=_VM_END_WAIT)
+            if self.vm.alive:
+                raise
 
     async def kill(self, sig: str, everything: bool) -> None:
         if self.gated and not self.started:
@@ -670,11 +661,7 @@ class MicroVmRuntime:
                         "-c",
                         command,
                         "gate",
-                        *CRUN,
-                        "run",
-                        "--bundle",
-                        str(bundle),
-                        id,
+                        *crun_run(bundle, id),
                     ],
                 }
             ],

@@ -366,6 +366,14 @@ class ControlClient:
         """Answer the guest's port request ``request`` (``error`` None: it is open)."""
         await self.request("port-result", request=request, error=error)
 
+    async def started(self, pid_files: Mapping[str, str]) -> list[str]:
+        """Return once each named process's container runs (its ``pid_files`` entry
+        exists in the guest) or the process has ended: the guest checks, the host waits
+        (without a deadline of its own: bound it with ``asyncio.timeout``). The names of
+        the processes that ended without crun ever running their container."""
+        result = await self.request("started", timeout=None, files=dict(pid_files))
+        return [str(name) for name in result["never_ran"]]
+
     async def hold(self, grace: float | None = None) -> None:
         """No more restarts of the guest's processes; with ``grace``, the pod's infra
         extensions are told it is stopping (before the host TERMs the containers)."""

@@ -1,13 +1,21 @@
-"""The guest's ``/init``: a busybox script that gets the host's Python running as PID 1.
+"""The guest's ``/init``: a busybox script that gets Python running vminit as PID 1.
 
 Python cannot start before its files are reachable, and they live on the host: so a
-few lines of busybox shell load the modules, build a root on tmpfs from a few host
-directories shared read-only (``/usr``, the Python installation, the magikrun package:
-never the host's whole root, which holds other users' files and secrets), give it
-fresh /proc, /sys, /dev, /run, /tmp and cgroup2, copy the VM's private configuration
-to a guest-only tmpfs, and ``switch_root`` into the host's Python running vminit.
+few lines of busybox shell load the modules, build a root from the initramfs's
+``/sysroot`` and a few host directories shared read-only (``/usr``, the Python
+installation, the magikrun package: never the host's whole root, which holds other
+users' files and secrets), give it fresh /proc, /sys, /dev, /run, /tmp and cgroup2,
+move the VM's private configuration to a guest-only tmpfs, and change root into Python
+running vminit: the host's interpreter over the shares, or one packed into the
+initramfs under ``/sysroot`` that reads nothing from the host.
 
-Python starts with ``-I -S`` and a bootstrap that registers ``magikrun`` and
+The root is ``/sysroot`` bind-mounted onto itself and moved over ``/``, as
+``switch_root`` moves a tmpfs: a root that is a mount with a parent, so crun can
+``pivot_root`` into containers, while the files packed there need no copy (copying
+the packed interpreter into a tmpfs cost about a second under TCG).
+
+Python starts with ``-I -S -X utf8`` under ``LC_ALL=C`` (no locale files to read, UTF-8
+all the same) and a bootstrap that registers ``magikrun`` and
 ``magikrun.vminit`` as bare packages: the guest then imports only vminit's own
 stdlib-only modules, not the site machinery, ``magikrun/__init__`` or the host-side
 client (each of which costs the boot hundreds of milliseconds under TCG).
@@ -18,10 +26,12 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-__all__ = ["CONFIG_PATH", "early_init_script"]
+__all__ = ["CONFIG_PATH", "NEW_ROOT", "early_init_script"]
 
 CONFIG_PATH = "/run/magikrun-vm/config.json"
 """Where vminit finds its configuration in the guest (tmpfs, mode 0600)."""
+NEW_ROOT = "/sysroot"
+"""The initramfs directory that becomes the guest's root."""
 
 _MOUNT_OPTIONS = {
     "9p": "trans=virtio,version=9p2000.L,cache=loose,msize=524288,ro",
@@ -39,7 +49,7 @@ _BOOTSTRAP = (
 
 
 def early_init_script(
-    python: str,
+    python: str | Sequence[str],
     package: str,
     shares: Sequence[tuple[str, str]],
     links: Sequence[tuple[str, str]] = (),
@@ -47,12 +57,14 @@ def early_init_script(
 ) -> bytes:
     """The ``/init`` text: mount ``shares`` ((tag, host path) pairs, each at the same path
     in the guest) over ``share``, add the top-level ``links`` ((name, target) pairs such
-    as ``bin -> usr/bin``), and start vminit with ``python`` from ``package``.
+    as ``bin -> usr/bin``), and start vminit with ``python`` (the interpreter, or the
+    command line that starts it) from ``package``.
     """
     if share not in _MOUNT_OPTIONS:
         raise ValueError(f"unknown root share {share!r} (9p or virtiofs)")
     q = shlex.quote
     bootstrap = _BOOTSTRAP.format(package=package)
+    command = " ".join(map(q, [python] if isinstance(python, str) else python))
     lines = [f"$B ln -s {q(target)} /sysroot/{q(name)}" for name, target in links]
     for tag, path in shares:
         lines.append(f"$B mkdir -p /sysroot{q(path)}")
@@ -66,7 +78,7 @@ B=/bin/busybox
 fail() {{ echo "magikrun-init: $*"; $B reboot -f; }}
 umask 022
 while read m; do $B insmod /modules/$m || fail "insmod $m failed"; done < /modules.list
-$B mount -t tmpfs -o mode=0755 root /sysroot || fail "cannot mount the root"
+$B mount --bind /sysroot /sysroot || fail "cannot bind the root"
 $B mkdir /sysroot/etc /sysroot/proc /sysroot/sys /sysroot/dev /sysroot/run /sysroot/tmp
 $B mkdir -m 0700 /sysroot/root
 $B mount -t tmpfs -o mode=0755,nosuid,nodev run /sysroot/run || fail "cannot mount /run"
@@ -77,9 +89,10 @@ echo "root:x:0:" > /sysroot/etc/group
 echo "127.0.0.1 localhost" > /sysroot/etc/hosts
 echo "magikrun-vm" > /sysroot/etc/hostname
 $B hostname magikrun-vm
-$B mount -o remount,ro /sysroot
+$B mount -o remount,bind,ro /sysroot
 $B mkdir -m 0700 /sysroot/run/magikrun-vm
 $B cp /vm/config.json /sysroot{CONFIG_PATH}
+$B rm -r /vm
 $B mount -t proc -o nosuid,nodev,noexec proc /sysroot/proc
 $B mount -t sysfs -o nosuid,nodev,noexec sysfs /sysroot/sys
 $B mount -t devtmpfs -o nosuid,mode=0755 dev /sysroot/dev
@@ -87,5 +100,7 @@ $B mkdir -p /sysroot/dev/pts /sysroot/dev/shm
 $B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /sysroot/dev/pts
 $B mount -t tmpfs -o mode=1777,nosuid,nodev shm /sysroot/dev/shm
 $B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sysroot/sys/fs/cgroup
-exec $B switch_root /sysroot {q(python)} -I -S -c {q(bootstrap)} {CONFIG_PATH}
+export LC_ALL=C
+cd /sysroot && $B mount --move . / || fail "cannot move the root"
+exec $B chroot . {command} -I -S -X utf8 -c {q(bootstrap)} {CONFIG_PATH}
 """.encode()

@@ -33,7 +33,18 @@ __all__ = ["OPS", "PORT_NAME", "decode", "encode"]
 
 PORT_NAME = "org.magikrun.control"
 """Name of the virtio-serial port the guest finds under /sys/class/virtio-ports."""
-OPS = ("hello", "ping", "exec", "logs", "status", "boot", "hold", "stop", "port-result")
+OPS = (
+    "hello",
+    "ping",
+    "exec",
+    "logs",
+    "status",
+    "boot",
+    "started",
+    "hold",
+    "stop",
+    "port-result",
+)
 """Requests the guest serves."""
 
 

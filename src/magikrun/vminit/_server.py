@@ -22,6 +22,8 @@ __all__ = ["ControlServer", "Service", "find_port"]
 PORTS = "/sys/class/virtio-ports"
 _INFRA_STOP_SLACK = 2.0
 """Seconds the infra program gets beyond the grace (its ``on_stop`` may use all of it)."""
+STARTED_CHECK = 0.02
+"""Seconds between the guest's checks for a pid file (a stat, not a process)."""
 
 
 def find_port(name: str = PORT_NAME, ports: str = PORTS) -> str:
@@ -418,3 +420,32 @@ class ControlServer:
             Supervisor.signal_group(process, signal.SIGTERM)
         loop.call_later(grace, lambda: kill_all(apps))
         finish()
+
+    def _op_started(self, request_id: Any, request: dict[str, Any]) -> None:
+        """Answer once each named process has started its container, so the host waits
+        instead of polling with execs (each one a process under TCG).
+
+        ``files`` maps process names to the pid file their ``crun run --pid-file``
+        writes once the container runs; a process that already ended (or restarts)
+        counts as started. The answer names those that ended with no pid file: crun
+        could not run their container (a missing program), which fails the pod, where a
+        container that ran and then exited is a running pod that fails later, as natively.
+        """
+        files = {str(name): str(path) for name, path in request["files"].items()}
+        unknown = sorted(set(files) - set(self.services))
+        if unknown:
+            raise KeyError(f"no process {unknown[0]!r}")
+
+        def started(service: Service, path: str) -> bool:
+            process = service.process
+            over = process is None or process.done or service.restarts > 0
+            return over or service.restarting or os.path.exists(path)
+
+        def check() -> None:
+            if all(started(self.services[name], path) for name, path in files.items()):
+                never_ran = [name for name, path in files.items() if not os.path.exists(path)]
+                self.send({"id": request_id, "ok": True, "result": {"never_ran": never_ran}})
+            else:
+                self._supervisor.loop.call_later(STARTED_CHECK, check)
+
+        check()
