@@ -43,7 +43,7 @@ __all__ = ["GUEST_PREFIX", "PythonPack", "loadable_image", "pack_python", "vmini
 GUEST_PREFIX = "/opt/magikrun-python"
 """Where the packed interpreter lives in the guest's root (under ``NEW_ROOT`` in the
 initramfs, which becomes that root)."""
-_FORMAT = 2
+_FORMAT = 3
 """Bumped when the pack's layout changes, so older cached packs are not reused."""
 _PROBE_TIMEOUT = 30.0
 _PROBE = """
@@ -73,8 +73,9 @@ class PythonPack:
 
 
 def vminit_imports(sources: Iterable[Path]) -> list[str]:
-    """The absolute imports in ``sources``, including those inside functions (imported
-    on use, as ``ctypes`` at power-off) but not those for type checkers."""
+    """The imports in vminit's ``sources``, including those inside functions (imported
+    on use, as ``ctypes`` at power-off or ``._infra`` for pods with extensions) but not
+    those for type checkers; relative ones are named within ``magikrun.vminit``."""
     names: set[str] = set()
     for source in sources:
         tree = ast.parse(source.read_bytes(), str(source))
@@ -92,7 +93,13 @@ def vminit_imports(sources: Iterable[Path]) -> list[str]:
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module)
-    return sorted(n for n in names if n != "__future__" and not n.startswith("magikrun"))
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                names.add(f"magikrun.vminit.{node.module}")
+    return sorted(
+        n
+        for n in names
+        if n != "__future__" and (n.startswith("magikrun.vminit.") or not n.startswith("magikrun"))
+    )
 
 
 def loadable_image(data: bytes) -> bytes:
@@ -181,10 +188,14 @@ def _probe(python: str, package: Path, names: Sequence[str]) -> dict[str, Any]:
 def _probe_all(python: str, package: Path) -> dict[str, Any]:
     """The probe after vminit's imports, then again with the imports its guest modules
     make on use (the host-side modules of the package are not read)."""
-    found = _probe(python, package, ())
-    guest = [Path(f) for n, f in found["modules"].items() if n.startswith("magikrun.") and f]
-    lazy = [n for n in vminit_imports(sorted(guest)) if n not in found["modules"]]
-    return _probe(python, package, lazy) if lazy else found
+    wanted: list[str] = []
+    while True:  # until the guest modules the last probe loaded import nothing new
+        found = _probe(python, package, wanted)
+        guest = [Path(f) for n, f in found["modules"].items() if n.startswith("magikrun.") and f]
+        lazy = [n for n in vminit_imports(sorted(guest)) if n not in found["modules"]]
+        if not lazy:
+            return found
+        wanted += lazy
 
 
 class _Tree:

@@ -45,6 +45,12 @@ def main(argv: list[str]) -> None:
         config = json.load(handle)
     try:
         serve(config)
+    except BaseException:
+        if os.getpid() == 1:  # powering off would lose the traceback on the console
+            import traceback
+
+            traceback.print_exc()
+        raise
     finally:
         if os.getpid() == 1:
             power_off()
