@@ -20,24 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from vm_pod import POD  # one busybox pod for both microVM benches
+
 from magikrun.image import build_demo_images
 from magikrun.platform import Paths
 from magikrun.pod import PodNetwork, PodSpec, create_netns, delete_netns
 from magikrun.pod._microvm import MicroVmPodRuntime
 from magikrun.runtime._tap import open_tap
-
-POD = """\
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}}}
-spec:
-  restartPolicy: Never
-  containers:
-  - name: app
-    image: magikrun.local/busybox:demo
-    imagePullPolicy: Never
-    command: [sleep, "1000"]
-"""
 
 
 async def pod_run(runtime: MicroVmPodRuntime) -> float:

@@ -283,30 +283,20 @@ def qemu_argv(
     ]  # fmt: skip
     if config.firmware is not None and config.machine is Machine.Q35:
         argv += ["-bios", config.firmware]
-    for index, (tag, path) in enumerate(host_shares()[0]):
-        escaped = path.replace(",", ",,")
-        argv += [
-            "-fsdev",
-            f"local,id=fs{index},path={escaped},security_model=none,readonly=on,multidevs=remap",
-            "-device",
-            f"{ninep_dev},fsdev=fs{index},mount_tag={tag}",
-        ]
-    for index, (tag, path) in enumerate(config.shares):
-        escaped = path.replace(",", ",,")
-        argv += [
-            "-fsdev",
-            f"local,id=pod{index},path={escaped},security_model=passthrough",
-            "-device",
-            f"{ninep_dev},fsdev=pod{index},mount_tag={tag}",
-        ]
-    for index, (tag, path) in enumerate(config.read_only_shares):
-        escaped = path.replace(",", ",,")
-        argv += [
-            "-fsdev",
-            f"local,id=ro{index},path={escaped},security_model=none,readonly=on,multidevs=remap",
-            "-device",
-            f"{ninep_dev},fsdev=ro{index},mount_tag={tag}",
-        ]
+    read_only = "security_model=none,readonly=on,multidevs=remap"
+    for prefix, shares, model in (
+        ("fs", host_shares()[0], read_only),
+        ("pod", config.shares, "security_model=passthrough"),
+        ("ro", config.read_only_shares, read_only),
+    ):
+        for index, (tag, path) in enumerate(shares):
+            escaped = path.replace(",", ",,")
+            argv += [
+                "-fsdev",
+                f"local,id={prefix}{index},path={escaped},{model}",
+                "-device",
+                f"{ninep_dev},fsdev={prefix}{index},mount_tag={tag}",
+            ]
     nic = "virtio-net-device" if config.machine is Machine.MICROVM else "virtio-net-pci"
     if isinstance(config.network, TapNetwork):
         if tap_fd is None:
