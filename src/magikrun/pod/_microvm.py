@@ -187,9 +187,9 @@ class MicroVmPodRuntime(PodRuntimeBase):
             self._at(where, "bundle")
             await self._make(
                 rollback, pod, "poddir", pod, {"path": str(directory)},
-                lambda: asyncio.to_thread(directory.mkdir, 0o711, True),
+                lambda: finish_in_thread(directory.mkdir, 0o711, True),
             )  # fmt: skip
-            volumes = await asyncio.to_thread(prepare_volumes, spec, directory)
+            volumes = await finish_in_thread(prepare_volumes, spec, directory)
             rootfs: dict[str, Path] = {}
             await together(
                 [
@@ -201,7 +201,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
             self._at(where, "boot")
             plan = self._plan(spec, directory, rootfs, network, attached, extensions)
             if extensions:
-                await asyncio.to_thread(_write_infra_config, spec, directory, plan, extensions)
+                await finish_in_thread(_write_infra_config, spec, directory, plan, extensions)
             vm_dir = _vm_dir(self.paths, pod)
             await self._make(
                 rollback, pod, "supervisor", f"{pod}.keeper",
@@ -304,7 +304,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
 
             await self._make(
                 rollback, spec.id, "bundle", cid, {"path": str(bundle_dir)},
-                lambda: asyncio.to_thread(build),
+                lambda: finish_in_thread(build),
             )  # fmt: skip
         except Exception:  # the first to fail is named (siblings are not cancelled)
             where.container = where.container or c.name
