@@ -250,17 +250,12 @@ class _Keeper:
             network = TapNetwork(
                 netns=tap["netns"], mac=tap["mac"], address=tap["address"], gateway=tap["gateway"]
             )
-            address, gateway = network.address, network.gateway
         elif plan.get("forwards") is not None:
-            network = UserNetwork(host_forwards=tuple((h, g) for h, g in plan["forwards"]))
-            address, gateway = GUEST_ADDRESS, GUEST_GATEWAY
-        if network is not None:
-            setup += [
-                (_BUSYBOX, "ip", "link", "set", "lo", "up"),
-                (_BUSYBOX, "ip", "addr", "add", address, "dev", "eth0"),
-                (_BUSYBOX, "ip", "link", "set", "eth0", "up"),
-                (_BUSYBOX, "ip", "route", "add", "default", "via", gateway),
-            ]
+            network = UserNetwork(
+                host_forwards=tuple((h, g) for h, g in plan["forwards"]),
+                address=GUEST_ADDRESS,
+                gateway=GUEST_GATEWAY,
+            )
         if self.gated:
             setup.append((_BUSYBOX, "mkfifo", "-m", "0600", _GATE))
         config = VmConfig(

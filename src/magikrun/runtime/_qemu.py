@@ -115,9 +115,15 @@ class GuestPython(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserNetwork:
-    """QEMU user-mode networking; ``host_forwards`` are (host port, guest port) TCP pairs."""
+    """QEMU user-mode networking; ``host_forwards`` are (host port, guest port) TCP pairs.
+
+    With an ``address`` (``IP/PREFIX``), vminit sets it on the guest's eth0 and routes
+    through ``gateway``; without, the guest's processes configure eth0 themselves.
+    """
 
     host_forwards: tuple[tuple[int, int], ...] = ()
+    address: str | None = None
+    gateway: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,7 +164,7 @@ class VmConfig:
     infra: GuestInfra | None = None
     """The pod's infra program, started before anything else."""
     setup: tuple[tuple[str, ...], ...] = ()
-    """Commands the guest runs before its processes (network configuration)."""
+    """Commands the guest runs before its processes (after the network's configuration)."""
     extra_args: tuple[str, ...] = field(default=())
     python: GuestPython = GuestPython.PACKED
     """Where vminit's interpreter comes from: packed into the initramfs, or the host's."""
@@ -431,6 +437,8 @@ class MicroVm:
             mounts=self.config.shares,
             read_only_mounts=self.config.read_only_shares,
             setup=self.config.setup,
+            address=None if self.config.network is None else self.config.network.address,
+            gateway=None if self.config.network is None else self.config.network.gateway,
             init=self.config.init,
             infra=self.config.infra,
         )

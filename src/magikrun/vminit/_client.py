@@ -109,6 +109,10 @@ class GuestConfig:
     """Writable 9p shares ((tag, guest path) pairs) mounted before the processes start."""
     setup: tuple[tuple[str, ...], ...] = ()
     """Commands run (in order, each must succeed) before the processes start."""
+    address: str | None = None
+    """The guest's eth0 address (``IP/PREFIX``), set before ``setup``; None leaves eth0 down."""
+    gateway: str | None = None
+    """The guest's default route (with ``address``)."""
     init: tuple[GuestProcess, ...] = ()
     """Init containers: run one by one, each to a zero exit, before ``processes``."""
     infra: GuestInfra | None = None
@@ -126,6 +130,9 @@ class GuestConfig:
                 "mounts": [list(mount) for mount in self.mounts],
                 "read_only_mounts": [list(mount) for mount in self.read_only_mounts],
                 "setup": [list(argv) for argv in self.setup],
+                "network": None
+                if self.address is None
+                else {"address": self.address, "gateway": self.gateway},
                 "limits": {
                     "max_frame": VM_CONTROL_MAX_FRAME,
                     "exec_max_output": VM_EXEC_MAX_OUTPUT,
