@@ -45,7 +45,7 @@ _EVENT_QUEUE = 256
 
 @dataclass(frozen=True, slots=True)
 class GuestProcess:
-    """A process vminit starts at boot, with captured logs (a container, until pods land)."""
+    """A process vminit starts at boot, with captured logs (a container, or the infra program)."""
 
     name: str
     argv: tuple[str, ...]
