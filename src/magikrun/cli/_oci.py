@@ -81,7 +81,7 @@ def _create_options(func: F) -> F:
             click.option("--bundle", "-b", default=".", type=click.Path(file_okay=False)),
             click.option("--pid-file", type=click.Path(dir_okay=False)),
             click.option("--console-socket", type=click.Path(dir_okay=False)),
-            click.option("--runtime", help="native or wasm (default: chosen from the bundle)."),
+            click.option("--runtime", help="native, wasm or microvm (default: from the bundle)."),
         ]
     ):
         func = option(func)
