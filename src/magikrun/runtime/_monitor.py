@@ -52,6 +52,8 @@ _MAX_LOG_LINE = 16 * 1024
 """Bytes after which a line without newline is written as a partial (``P``) record."""
 _DRAIN_SECONDS = 2.0
 """How long output is still collected after the container process exited."""
+_KILLED_WAIT = 5.0
+"""Seconds the monitor waits for a process it SIGKILLed to be gone (D state aside)."""
 _READ_CHUNK = 65536
 
 
@@ -208,6 +210,7 @@ class _Monitor:
             if self.exit_code is not None and drain_deadline is None:
                 drain_deadline = time.monotonic() + _DRAIN_SECONDS
             if self.not_ready:
+                self._reap_killed(launcher)
                 return 1
             if self.exit_code is not None and not self.readers:
                 break
@@ -404,6 +407,16 @@ class _Monitor:
                 "stderr": self.stderr_before_ready.decode(errors="replace"),
             }
         )
+
+    def _reap_killed(self, launcher: _Launcher) -> None:
+        """Wait for the process killed for never becoming ready, so that nothing of it
+        outlives the monitor (SIGKILL takes effect asynchronously)."""
+        deadline = time.monotonic() + _KILLED_WAIT
+        while launcher.returncode is None and not self.childless:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.005)
+            self._reap(launcher)
 
     def _reap(self, launcher: _Launcher) -> None:
         while True:
