@@ -371,8 +371,6 @@ class MicroVmPodRuntime(PodRuntimeBase):
                 "address": f"{attached.ip}/{attached.prefix_length}",
                 "gateway": attached.gateway,
                 "pod_id": spec.id,
-                "bridge": self.pod_network.bridge,
-                "subnet": self.pod_network.subnet,
             }
         vcpus, memory = vm_size(spec)
         return {

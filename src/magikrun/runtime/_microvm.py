@@ -430,12 +430,11 @@ class _Keeper:
         if tap is None:
             await self.vm.add_host_forward(protocol, host_port, container_port)
             return
-        # The pod's CNI attachment is the pod layer's: a bridge pod's keeper is its agent.
-        from ..pod._network import PodNetwork, PortMapping
+        # The pod's CNI attachment is the pod layer's: a bridge pod's keeper is its agent,
+        # as the supervisor is a native pod's.
+        from ..pod._ports import forward_port
 
-        network = PodNetwork(self.paths, bridge=tap["bridge"], subnet=tap["subnet"])
-        mapping = PortMapping(host_port=host_port, container_port=container_port, protocol=protocol)
-        await network.add_ports(tap["pod_id"], Path(tap["netns"]), [mapping])
+        await forward_port(self.paths, tap["pod_id"], protocol, host_port, container_port)
 
     async def open_gate(self, word: str) -> None:
         if not self.gated or self.started:
