@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Completed",
     "MonitorReport",
+    "detached_argv",
     "forkable",
     "run",
     "start_monitor",
@@ -39,6 +40,40 @@ __all__ = [
 
 DEFAULT_GRACE = 5.0
 """Seconds between SIGTERM and SIGKILL when a child must be stopped."""
+
+_DETACH = """
+import json, os, sys
+pid_file, path, target = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+r, w = os.pipe()
+if os.fork():
+    os.close(w)
+    os._exit(0 if os.read(r, 1) == b"1" else 1)
+os.close(r)
+os.setsid()
+null = os.open(os.devnull, os.O_RDWR)
+log = os.open(pid_file + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+os.dup2(null, 0); os.dup2(null, 1); os.dup2(log, 2); os.close(null); os.close(log)
+with open("/proc/self/stat", "rb") as f:
+    start = f.read().rsplit(b")", 1)[1].split()[19].decode()
+with open(pid_file + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {start}")
+os.replace(pid_file + ".tmp", pid_file)
+os.write(w, b"1"); os.close(w)
+sys.path[:] = path
+module, _, function = target.partition(":")
+getattr(__import__(module, fromlist=[function]), function)(sys.argv[4:])
+"""
+
+
+def detached_argv(pid_file: str, target: str, args: Sequence[str]) -> list[str]:
+    """The command that runs ``target`` (``"module:function"``, called with ``args``) as a
+    daemon: its own session, stdin/stdout on /dev/null, stderr appended to
+    ``pid_file.log``. The command exits 0 once ``pid_file`` holds the daemon's pid and
+    start time, written before any (slow) import of magikrun, so the caller can record
+    it and no zombie stays with the caller; 1 if the daemon died before that.
+    """
+    path = json.dumps(sys.path)
+    return [sys.executable, "-I", "-S", "-c", _DETACH, pid_file, path, target, *args]
 
 
 @dataclass(frozen=True, slots=True)

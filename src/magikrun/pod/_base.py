@@ -61,31 +61,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-_SUPERVISOR_BOOTSTRAP = """
-import json, os, sys
-pid_file, path = sys.argv[1], json.loads(sys.argv[2])
-r, w = os.pipe()
-if os.fork():
-    os.close(w)
-    os._exit(0 if os.read(r, 1) == b"1" else 1)
-os.close(r)
-os.setsid()
-null = os.open(os.devnull, os.O_RDWR)
-log = os.open(pid_file + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-os.dup2(null, 0); os.dup2(null, 1); os.dup2(log, 2); os.close(null); os.close(log)
-with open("/proc/self/stat", "rb") as f:
-    start = f.read().rsplit(b")", 1)[1].split()[19].decode()
-with open(pid_file + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {start}")
-os.replace(pid_file + ".tmp", pid_file)
-os.write(w, b"1"); os.close(w)
-sys.path[:] = path
-from magikrun.pod._supervisor import main
-main(sys.argv[3:])
-"""
-"""Runs the supervisor detached: the pid file is written before the (slow) imports, and the
-process started here exits at once, so nothing waits for a Python import and no zombie
-stays with the caller. Standard library only until the pid file is out."""
 _STOP_POLL = 0.05
 _FOLLOW_POLL = 0.1
 _INFRA_GRACE = 5.0
@@ -278,19 +253,11 @@ class PodRuntimeBase:
         pid_file = directory / "supervisor.pid"
 
         async def spawn() -> None:
-            argv = [
-                sys.executable,
-                "-I",
-                "-S",
-                "-c",
-                _SUPERVISOR_BOOTSTRAP,
+            argv = _process.detached_argv(
                 str(pid_file),
-                json.dumps(sys.path),
-                str(self.paths.data),
-                str(self.paths.run),
-                spec.id,
-                str(self.restart_backoff),
-            ]
+                "magikrun.pod._supervisor:main",
+                [str(self.paths.data), str(self.paths.run), spec.id, str(self.restart_backoff)],
+            )
             done = await _process.run(argv, timeout=30.0)
             if done.returncode != 0 or not pid_file.exists():
                 raise PodError(

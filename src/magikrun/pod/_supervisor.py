@@ -1,6 +1,6 @@
 """A pod's supervisor: applies the restart policy, detached from whoever ran the pod.
 
-The pod runtime starts it detached (see ``_SUPERVISOR_BOOTSTRAP`` in ``_base.py``),
+The pod runtime starts it detached (``_process.detached_argv``),
 with ``supervisor.pid`` (``PID START``) in the pod's directory. The supervisor watches
 the app containers; one that exited is restarted when the policy says so (``Always``;
 ``OnFailure`` on a non-zero code) after ``BACKOFF * 2**restarts`` seconds, capped at

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,25 +70,6 @@ _POLL = 0.2
 _VM_END_WAIT = 5.0
 """Seconds a keeper gives a guest whose channel closed to finish powering off."""
 _KILL_WAIT = 10.0
-_KEEPER_BOOTSTRAP = """
-import json, os, sys
-pid_file, path, status_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-if os.fork():
-    os._exit(0)
-os.setsid()
-null = os.open(os.devnull, os.O_RDWR)
-log = os.open(pid_file + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-os.dup2(null, 0); os.dup2(null, 1); os.dup2(log, 2); os.close(null); os.close(log)
-with open("/proc/self/stat", "rb") as f:
-    start = f.read().rsplit(b")", 1)[1].split()[19].decode()
-with open(pid_file + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {start}")
-os.replace(pid_file + ".tmp", pid_file)
-sys.path[:] = path
-from magikrun.runtime._microvm import keeper_main
-keeper_main(sys.argv[4:], status_fd)
-"""
-"""Starts the keeper detached (double fork, own session); its pid file is out before imports."""
 
 
 def guest_pid_file(cid: str) -> str:
@@ -120,11 +100,11 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
     (vm_dir / "plan.json").write_text(json.dumps(plan))
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
-        argv = [
-            sys.executable, "-I", "-S", "-c", _KEEPER_BOOTSTRAP,
-            str(vm_dir / "keeper.pid"), json.dumps(sys.path), str(write_fd),
-            str(vm_dir), str(paths.data), str(paths.run),
-        ]  # fmt: skip
+        argv = _process.detached_argv(
+            str(vm_dir / "keeper.pid"),
+            "magikrun.runtime._microvm:keeper_main",
+            [str(write_fd), str(vm_dir), str(paths.data), str(paths.run)],
+        )
         done = await _process.run(argv, timeout=30.0, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
@@ -553,10 +533,12 @@ async def _keep(paths: Paths, directory: Path, status_fd: int) -> None:
     socket_path.unlink(missing_ok=True)
 
 
-def keeper_main(argv: list[str], status_fd: int) -> None:
-    """The keeper process: ``VM_DIR DATA RUN`` (started by ``_KEEPER_BOOTSTRAP``)."""
-    directory, data, run = argv
-    asyncio.run(_keep(Paths(data=Path(data), run=Path(run)), Path(directory), status_fd))
+def keeper_main(argv: list[str]) -> None:
+    """The keeper process: ``STATUS_FD VM_DIR DATA RUN`` (started detached by
+    :func:`spawn_keeper`, which has the pid file already)."""
+    status_fd, directory, data, run = argv
+    paths = Paths(data=Path(data), run=Path(run))
+    asyncio.run(_keep(paths, Path(directory), int(status_fd)))
 
 
 # -- one container per VM ---------------------------------------------------------
