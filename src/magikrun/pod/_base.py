@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .. import _process
 from ..errors import (
@@ -44,7 +44,7 @@ from ._fault import FaultHook, fault_from_env
 from ._rollback import Rollback, describe
 from ._spec import Container, PodSpec, RestartPolicy
 from ._state import PodRecord, PodStore, Resource
-from ._types import ContainerInfo, LogLine, PodPhase, PodStatus, RuntimeName
+from ._types import ContainerInfo, LogLine, PodPhase, PodStatus
 from ._undo import recover_pods, undo_all, undo_resource
 
 if TYPE_CHECKING:
@@ -311,17 +311,7 @@ class PodRuntimeBase:
             phase = PodPhase.UNKNOWN
         if record.state == "stopped":
             message = "stopped"
-        return PodStatus(
-            id=record.id,
-            name=record.name,
-            namespace=record.namespace,
-            runtime=cast(RuntimeName, record.runtime),
-            phase=phase,
-            ip=record.ip,
-            containers=(*infos, *apps),
-            created_at=record.created,
-            message=message,
-        )
+        return record.status(phase, (*infos, *apps), message)
 
     def _load(self, cid: str) -> ContainerRecord | None:
         """The container's record, None when it is gone (or removed meanwhile by the

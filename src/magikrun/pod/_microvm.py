@@ -90,7 +90,7 @@ from ._network import NetworkStatus, PodNetwork, PortMapping
 from ._rollback import Rollback
 from ._spec import Container, PodSpec, RuntimeFields, resolve_env
 from ._state import PodRecord
-from ._types import ContainerInfo, LogLine, PodHandle, PodPhase, PodStatus, RuntimeName
+from ._types import ContainerInfo, LogLine, PodHandle, PodPhase, PodStatus
 from ._volumes import container_mounts, prepare_volumes
 
 __all__ = ["MicroVmPodRuntime", "vm_size"]
@@ -418,17 +418,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
         else:
             ok = all(i.exit_code == 0 for i in infos)
             phase, message = (PodPhase.SUCCEEDED if ok else PodPhase.FAILED), net
-        return PodStatus(
-            id=record.id,
-            name=record.name,
-            namespace=record.namespace,
-            runtime=cast(RuntimeName, record.runtime),
-            phase=phase,
-            ip=record.ip,
-            containers=(*inits, *infos),
-            created_at=record.created,
-            message=message,
-        )
+        return record.status(phase, (*inits, *infos), message)
 
     async def pod_status(self, pod_id: str) -> PodStatus:
         await self._ready()

@@ -9,14 +9,13 @@ store > native. Names are ``native``, ``wasm``, ``microvm`` or the runtime class
 from __future__ import annotations
 
 import importlib
-from typing import cast
 
 from ..errors import ImageNotFound, InvalidArgument, PodNotFound, RuntimeUnavailable
 from ..image import ImageService
 from ..platform._paths import Paths
 from ._spec import PodSpec
 from ._state import PodRecord, PodStore
-from ._types import ContainerInfo, PodPhase, PodRuntime, PodStatus, RuntimeName
+from ._types import ContainerInfo, PodPhase, PodRuntime, PodStatus
 from ._undo import recover_pods
 
 __all__ = [
@@ -170,14 +169,4 @@ def _uninspectable(record: PodRecord, why: RuntimeUnavailable) -> PodStatus:
         for init, group in ((True, spec.init_containers), (False, spec.containers))
         for c in group
     )
-    return PodStatus(
-        id=record.id,
-        name=record.name,
-        namespace=record.namespace,
-        runtime=cast(RuntimeName, record.runtime),
-        phase=phase,
-        ip=record.ip,
-        containers=containers,
-        created_at=record.created,
-        message=f"its runtime cannot read it here: {why.message}",
-    )
+    return record.status(phase, containers, f"its runtime cannot read it here: {why.message}")

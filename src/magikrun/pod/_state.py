@@ -15,13 +15,14 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ..errors import InvalidArgument, InvalidPodSpec, PodExists, PodNotFound
 from ..platform._paths import Paths
 from ..runtime._store import process_start_time
 from ..storage import MetadataStore
 from ._spec import PodSpec, pod_id
+from ._types import ContainerInfo, PodPhase, PodStatus, RuntimeName
 
 __all__ = ["PodRecord", "PodStore", "Resource"]
 
@@ -95,6 +96,22 @@ class PodRecord:
         if self.owner_pid is None:
             return False
         return process_start_time(self.owner_pid) == self.owner_start
+
+    def status(
+        self, phase: PodPhase, containers: tuple[ContainerInfo, ...], message: str | None
+    ) -> PodStatus:
+        """This pod's status, as a runtime read ``phase``, ``containers`` and ``message``."""
+        return PodStatus(
+            id=self.id,
+            name=self.name,
+            namespace=self.namespace,
+            runtime=cast(RuntimeName, self.runtime),
+            phase=phase,
+            ip=self.ip,
+            containers=containers,
+            created_at=self.created,
+            message=message,
+        )
 
 
 def _owner() -> tuple[int, int | None]:
