@@ -43,8 +43,9 @@ step pod run examples/demo-wasm.yaml
 if [[ $microvm == yes ]]; then
     step pod run examples/demo-microvm.yaml
     echo "== curl http://127.0.0.1:18080/message (the microVM pod's hostPort)"
-    # httpd may still be starting when the pod runs: retry quietly, fail loudly
-    curl -fs --retry 10 --retry-connrefused --retry-delay 1 http://127.0.0.1:18080/message ||
+    # httpd may still be starting, or answer 404 before the writer's first message:
+    # retry quietly on any error, fail loudly
+    curl -fs --retry 10 --retry-all-errors --retry-delay 1 http://127.0.0.1:18080/message ||
         { echo "demo: the microVM pod's hostPort did not answer" >&2; exit 1; }
     step pod exec demo-microvm -c web -- cat /data/message
     step pod stop demo-microvm
