@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from magikrun.platform import Paths
+from magikrun.pod._network import HOST_NETWORKS, root_tag
 
 if TYPE_CHECKING:
     from tests._registry import RegistryServer
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 def _reap_leftovers(path: Path) -> None:
     """Stop what a failed or interrupted test left running under ``path`` before the
     directory goes: containers (through the OCI binary that made them), processes naming
-    the path (monitors, supervisors, QEMU), then mounts (rootfs overlays, netns binds).
+    the path (monitors, supervisors, QEMU), its IP allocations on the host's bridges,
+    then mounts (rootfs overlays, netns binds).
     Tests assert "nothing left" themselves; this only keeps one failure from leaking
     into the machine and the tests after it."""
     for oci_root in (*path.glob("run/oci"), *path.glob("*/run/oci"), *path.glob("*/*/run/oci")):
@@ -49,6 +52,12 @@ def _reap_leftovers(path: Path) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+    for run in (*path.glob("run"), *path.glob("*/run"), *path.glob("*/*/run")):
+        owner = f".{root_tag(Paths(data=run.parent, run=run))}"
+        for allocation in HOST_NETWORKS.glob("*/ipam/*/*"):
+            with contextlib.suppress(OSError):
+                if allocation.read_text().partition("\r")[0].strip().endswith(owner):
+                    allocation.unlink()
     prefix = str(path) + "/"
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     for target in reversed(mounts):

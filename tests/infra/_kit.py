@@ -36,13 +36,17 @@ async def get_json(host: str, port: int, path: str = "/") -> Any:
 async def wait_for(
     fetch: Callable[[], Any], check: Callable[[Any], bool], timeout: float = 30.0
 ) -> Any:
-    """Poll ``fetch`` until ``check`` holds (the last value is returned either way)."""
+    """Poll ``fetch`` until ``check`` holds (the last value is returned either way).
+
+    Each try gets a few seconds: a connection whose first SYN went nowhere would otherwise
+    sit in the kernel's SYN retries (two minutes) while a new one would get through.
+    """
     value: Any = None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
         try:
-            value = await fetch()
+            value = await asyncio.wait_for(fetch(), 5.0)
         except OSError as exc:
             value = exc
         if not isinstance(value, OSError) and check(value):

@@ -113,12 +113,8 @@ class PodEnv:
         return [line for line in text.splitlines() if str(self.paths.data) in line]
 
     def ipam(self) -> list[str]:
-        directory = self.paths.run / "cni" / "ipam" / self.net.name
-        if not directory.is_dir():
-            return []
-        return sorted(
-            p.name for p in directory.iterdir() if p.name not in ("lock", "last_reserved_ip.0")
-        )
+        """Addresses this root holds on its own bridge and on the shared ``magikrun0``."""
+        return self.net.allocated() + PodNetwork(self.paths).allocated()
 
     def rows(self) -> list[str]:
         store = PodStore(self.paths)

@@ -32,6 +32,7 @@ from magikrun.pod import (
     delete_netns,
 )
 from magikrun.pod._netns import is_netns
+from magikrun.pod._network import HOST_NETWORKS
 from tests.conftest import requires_root
 
 pytestmark = [requires_root, pytest.mark.root]
@@ -103,18 +104,13 @@ class Pods:
         return create_netns(self.net.netns_path(pod))
 
     def ipam_files(self) -> list[str]:
-        directory = self.paths.run / "cni" / "ipam" / self.net.name
-        if not directory.is_dir():
-            return []
-        return sorted(
-            p.name for p in directory.iterdir() if p.name not in ("lock", "last_reserved_ip.0")
-        )
+        return self.net.allocated()
 
     def assert_nothing_left(self, pod: str) -> None:
         ns = self.net.netns_path(pod)
         assert not ns.exists()
         assert str(ns) not in Path("/proc/self/mountinfo").read_text()
-        assert f'id: \\"{pod}\\"' not in _iptables()
+        assert f'id: \\"{pod}.' not in _iptables()
         assert not (self.paths.run / "cni" / "pods" / f"{pod}.json").exists()
         assert not list((self.paths.run / "netns").glob(".del-*"))
         deadline = time.monotonic() + 10  # the kernel destroys a namespace asynchronously
@@ -142,8 +138,9 @@ async def pods(paths: Paths) -> AsyncIterator[Pods]:
         await state.cleanup()
         link = subprocess.run(["ip", "link", "show", state.bridge], capture_output=True)
         assert link.returncode != 0, "the test bridge was left behind"
+        assert not (HOST_NETWORKS / state.bridge).exists()
         rules = _iptables()
-        assert [pod for pod in state.ids if f'id: \\"{pod}\\"' in rules] == []
+        assert [pod for pod in state.ids if f'id: \\"{pod}.' in rules] == []
         assert state.net.name not in rules
 
 
@@ -286,7 +283,7 @@ async def test_delete_frees_everything_and_is_idempotent(pods: Pods) -> None:
     ns = pods.netns(pod)
     status = await pods.net.add(pod, ns, [PortMapping(host_port=_free_port(), container_port=80)])
     assert pods.ipam_files() == [status.ip]
-    assert f'id: \\"{pod}\\"' in _iptables()
+    assert f'id: \\"{pod}.' in _iptables()
     assert len(_veths_on(pods.bridge)) == 1
     assert await pods.net.check(pod, ns) == status
     await pods.net.delete(pod, ns)
@@ -350,7 +347,7 @@ async def test_failed_add_is_rolled_back(pods: Pods, tmp_path: Path) -> None:
     )
     assert info.value.subject["code"] == 7
     assert pods.ipam_files() == []
-    assert f'id: \\"{pod}\\"' not in _iptables()
+    assert f'id: \\"{pod}.' not in _iptables()
     assert _veths_on(pods.bridge) == []
     assert not (pods.paths.run / "cni" / "pods" / f"{pod}.json").exists()
     delete_netns(ns)
@@ -420,3 +417,65 @@ def test_invalid_pod_id(paths: Paths) -> None:
 
 def test_status_shape() -> None:
     assert NetworkStatus(ip="10.0.0.2", prefix_length=24, gateway="10.0.0.1", interface="eth0")
+
+
+async def test_roots_sharing_a_bridge_share_its_addresses(pods: Pods) -> None:
+    """Two roots on one bridge never get one address, even for pods of one name; deleting
+    one root's pod leaves the other's address and port forward alone."""
+    other = Paths.resolve(pods.paths.data.parent / "second-root")
+    second = PodNetwork(other, bridge=pods.bridge, subnet=pods.subnet)
+    pod = pods.new_id()
+    ns_a = pods.netns(pod)
+    ns_b = create_netns(second.netns_path(pod))
+    port_a, port_b = _free_port(), _free_port()
+    try:
+        st_a = await pods.net.add(pod, ns_a, [PortMapping(host_port=port_a, container_port=80)])
+        st_b = await second.add(pod, ns_b, [PortMapping(host_port=port_b, container_port=80)])
+        assert st_a.ip != st_b.ip
+        assert pods.net.allocated() == [st_a.ip] and second.allocated() == [st_b.ip]
+        await pods.net.delete(pod, ns_a)
+        delete_netns(ns_a)
+        with pytest.raises(PodNetworkError) as caught:
+            await pods.net.remove_bridge()
+        assert caught.value.message == (
+            f"pods still hold 1 address(es) on {pods.bridge}: {st_b.ip}"
+        )
+        assert subprocess.run(["ip", "link", "show", pods.bridge]).returncode == 0
+        assert second.allocated() == [st_b.ip] and pods.net.allocated() == []
+        rules = _iptables()
+        assert f"--dport {port_b}" in rules and f"--dport {port_a}" not in rules
+        server = _serve(ns_b, 80)
+        try:
+            with socket.create_connection(("127.0.0.1", port_b), timeout=10) as conn:
+                conn.sendall(b"second root")
+                assert conn.recv(100) == b"SECOND ROOT"
+        finally:
+            _stop(server)
+    finally:
+        await second.delete(pod, ns_b)
+        delete_netns(ns_b)
+    assert second.allocated() == []
+    assert f"--dport {port_b}" not in _iptables()
+
+
+async def test_a_second_subnet_on_a_bridge_in_use_is_refused(pods: Pods) -> None:
+    pod = pods.new_id()
+    await pods.net.add(pod, pods.netns(pod))
+    other = Paths.resolve(pods.paths.data.parent / "second-root")
+    clash = PodNetwork(other, bridge=pods.bridge, subnet=_free_subnet())
+    ns = create_netns(clash.netns_path("default_clash"))
+    try:
+        with pytest.raises(PodNetworkError) as caught:
+            await clash.add("default_clash", ns)
+        assert caught.value.message == (
+            f"bridge {pods.bridge} carries subnet {pods.subnet}, not {clash.subnet}: "
+            "another magikrun root attached pods to it first"
+        )
+        assert caught.value.hint == (
+            "give each root its own bridge and subnet, or use the same subnet"
+        )
+        assert clash.allocated() == [] and clash.attached() == []
+    finally:
+        delete_netns(ns)
+    await pods.net.delete(pod, pods.net.netns_path(pod))
+    delete_netns(pods.net.netns_path(pod))

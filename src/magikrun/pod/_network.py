@@ -8,12 +8,15 @@ driven as the CNI 1.0 spec says: ``CNI_*`` variables, the network config on stdi
 result on stdout, and an error document ``{"code", "msg"}`` mapped to
 :class:`~magikrun.errors.PodNetworkError`.
 
-Per root: IP allocations live under the root's run dir (``run/cni/ipam``), so two roots
-never share them. The bridge name and subnet are per host, though: two roots on one host
-must each be given their own ``bridge`` and ``subnet`` (the defaults, ``magikrun0`` and
-``10.89.0.0/16``, stay clear of podman's ``10.88.0.0/16``). The bridge and the masquerade
-rule stay after the last pod is gone, as with every CNI runtime; :meth:`PodNetwork.remove_bridge`
-removes them.
+A bridge is one per host, so what belongs to it is too: its IP allocations and its subnet
+live in ``/run/magikrun-networks/<bridge>/`` (``HOST_NETWORKS``), shared by every magikrun
+root that attaches pods to it, so two roots on ``magikrun0`` never hand out one address
+twice; a root asking for another subnet on a bridge in use is refused. ``/run`` goes with a
+reboot, as the bridge and the pods do. The CNI container id is the pod id qualified by its
+root, so two roots' pods of one name never share an allocation or a portmap chain. The
+defaults, ``magikrun0`` and ``10.89.0.0/16``, stay clear of podman's ``10.88.0.0/16``. The
+bridge and the masquerade rule stay after the last pod is gone, as with every CNI runtime;
+:meth:`PodNetwork.remove_bridge` removes them once no root has a pod on the bridge.
 
 Every attachment is recorded in ``run/cni/pods/<pod_id>.json`` *before* the first plugin
 runs and removed only after a successful DEL, so :meth:`PodNetwork.delete` can always undo
@@ -35,11 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Coroutine, Iterable, Sequence
+import shutil
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +61,7 @@ __all__ = [
     "CNI_PLUGIN_DIR",
     "DEFAULT_BRIDGE",
     "DEFAULT_SUBNET",
+    "HOST_NETWORKS",
     "NetworkStatus",
     "PodNetwork",
     "PortMapping",
@@ -65,6 +72,8 @@ __all__ = [
 DEFAULT_BRIDGE = "magikrun0"
 DEFAULT_SUBNET = "10.89.0.0/16"
 CNI_PLUGIN_DIR = Path("/usr/lib/cni")
+HOST_NETWORKS = Path("/run/magikrun-networks")
+"""Per bridge: the IP allocations and the subnet every root on that bridge shares."""
 CNI_VERSION = "1.0.0"
 POD_INTERFACE = "eth0"
 
@@ -167,7 +176,9 @@ class PodNetwork:
         self.plugin_dir = plugin_dir
         self.name = f"magikrun-{bridge}"
         self._records = paths.run / "cni" / "pods"
-        self._ipam = paths.run / "cni" / "ipam"
+        self._host = HOST_NETWORKS / bridge
+        self._ipam = self._host / "ipam"
+        self._root_tag = root_tag(paths)
         self._netns_dir = paths.run / "netns"
         self._masquerading = False
 
@@ -183,7 +194,29 @@ class PodNetwork:
             return []
         return sorted(p.stem for p in self._records.glob("*.json") if _ID.fullmatch(p.stem))
 
-    def _config(self, port_mappings: Sequence[PortMapping]) -> dict[str, Any]:
+    def allocated(self) -> list[str]:
+        """The addresses this root's pods hold on the bridge (the bridge's other roots aside)."""
+        return sorted(ip for ip, owner in self._allocations().items() if self._owns(owner))
+
+    def _allocations(self) -> dict[str, str]:
+        """Every address allocated on the bridge by any root, with its CNI container id."""
+        directory = self._ipam / self.name
+        found: dict[str, str] = {}
+        if not directory.is_dir():
+            return found
+        for entry in directory.iterdir():
+            try:
+                ipaddress.ip_address(entry.name)
+                owner = entry.read_text().splitlines()
+            except (ValueError, OSError):
+                continue
+            found[entry.name] = owner[0] if owner else ""
+        return found
+
+    def _owns(self, container_id: str) -> bool:
+        return container_id.endswith(f".{self._root_tag}")
+
+    def _config(self, pod_id: str, port_mappings: Sequence[PortMapping]) -> dict[str, Any]:
         """The attachment record: ``lo``'s config and the plugin chain, each config complete.
 
         ``lo`` is a network of its own (as containerd and CRI-O do it), so it comes up while
@@ -218,7 +251,12 @@ class PodNetwork:
                     "runtimeConfig": {"portMappings": [m.to_cni() for m in port_mappings]},
                 }
             )
-        return {"loopback": {**common, "type": "loopback"}, "chain": chain, "result": None}
+        return {
+            "container_id": f"{pod_id}.{self._root_tag}",
+            "loopback": {**common, "type": "loopback"},
+            "chain": chain,
+            "result": None,
+        }
 
     async def add(
         self, pod_id: str, netns_path: Path, port_mappings: Iterable[PortMapping] = ()
@@ -235,7 +273,7 @@ class PodNetwork:
                 hint="create it first with create_netns()",
                 pod_id=pod_id,
             )
-        record = self._config(list(port_mappings))
+        record = self._config(pod_id, list(port_mappings))
         plugins = ["loopback", "host-local", *(p["type"] for p in record["chain"])]
         for plugin in plugins:
             if not os.access(self.plugin_dir / plugin, os.X_OK):
@@ -251,21 +289,80 @@ class PodNetwork:
                 hint="delete its attachment first",
                 pod_id=pod_id,
             )
-        self._write_record(pod_id, record)
         netns = str(netns_path)
-        try:
-            await self._ensure_masquerade()
-            result = await _together(
-                self._call("ADD", "loopback", pod_id, netns, record["loopback"]),
-                self._add_chain(pod_id, netns, record),
-            )
-            return _status(pod_id, result[1])
-        except BaseException as exc:
+        async with self._bridge_lock(fcntl.LOCK_SH):
+            self._claim_subnet()
+            self._write_record(pod_id, record)
             try:
-                await self.delete(pod_id, netns_path)
-            except MagikrunError as cleanup:
-                exc.add_note(f"undoing the network attachment failed too: {cleanup}")
-            raise
+                await self._ensure_masquerade()
+                result = await _together(
+                    self._call(
+                        "ADD", "loopback", pod_id, netns, record["loopback"], record["container_id"]
+                    ),
+                    self._add_chain(pod_id, netns, record),
+                )
+                return _status(pod_id, result[1])
+            except BaseException as exc:
+                try:
+                    await self.delete(pod_id, netns_path)
+                except MagikrunError as cleanup:
+                    exc.add_note(f"undoing the network attachment failed too: {cleanup}")
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _bridge_lock(self, operation: int) -> AsyncIterator[None]:
+        """Hold the bridge's host-wide lock: shared while attaching, alone while removing it.
+
+        ``flock`` is polled without blocking, so the event loop never waits in the kernel.
+        :meth:`remove_bridge` deletes the lock file with the bridge, so a lock taken on a
+        file that is no longer the one at its path is let go and taken again.
+        """
+        path = self._host / "lock"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CNI_PLUGIN_TIMEOUT
+        while True:
+            self._host.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except FileNotFoundError:
+                continue
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if loop.time() > deadline:
+                            raise PodNetworkError(
+                                f"bridge {self.bridge} stayed locked for {CNI_PLUGIN_TIMEOUT} s",
+                                hint=f"another magikrun process holds {path}",
+                                bridge=self.bridge,
+                            ) from None
+                        await asyncio.sleep(0.02)
+                if _same_file(fd, path):
+                    yield
+                    return
+            finally:
+                os.close(fd)
+
+    def _claim_subnet(self) -> None:
+        """Record this root's subnet for the bridge, or refuse one that differs from it."""
+        path = self._host / "subnet"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            claimed = path.read_text().strip()
+            if claimed != self.subnet:
+                raise PodNetworkError(
+                    f"bridge {self.bridge} carries subnet {claimed}, not {self.subnet}: "
+                    "another magikrun root attached pods to it first",
+                    hint="give each root its own bridge and subnet, or use the same subnet",
+                    bridge=self.bridge,
+                    subnet=self.subnet,
+                ) from None
+            return
+        with open(fd, "w") as file:
+            file.write(f"{self.subnet}\n")
 
     async def add_ports(
         self, pod_id: str, netns_path: Path, port_mappings: Iterable[PortMapping]
@@ -280,6 +377,7 @@ class PodNetwork:
         if record is None or record.get("result") is None:
             raise PodNetworkError(f"pod {pod_id} is not attached to the network", pod_id=pod_id)
         result: dict[str, Any] = record["result"]
+        container_id = _cni_id(record, pod_id)
         netns = str(netns_path)
         old = [p for p in record["chain"] if p["type"] == "portmap"]
         mappings = [
@@ -303,11 +401,15 @@ class PodNetwork:
                 pod_id=pod_id,
             )
         for plugin in old:
-            await self._call("DEL", "portmap", pod_id, netns, {**plugin, "prevResult": result})
-        portmap = self._config(mappings)["chain"][-1]
+            await self._call(
+                "DEL", "portmap", pod_id, netns, {**plugin, "prevResult": result}, container_id
+            )
+        portmap = self._config(pod_id, mappings)["chain"][-1]
         chain = [p for p in record["chain"] if p["type"] != "portmap"]
         self._write_record(pod_id, {**record, "chain": [*chain, portmap]})
-        await self._call("ADD", "portmap", pod_id, netns, {**portmap, "prevResult": result})
+        await self._call(
+            "ADD", "portmap", pod_id, netns, {**portmap, "prevResult": result}, container_id
+        )
 
     async def _add_chain(self, pod_id: str, netns: str, record: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] | None = None
@@ -315,7 +417,9 @@ class PodNetwork:
             conf = dict(plugin)
             if result is not None:
                 conf["prevResult"] = result
-            result = await self._call("ADD", plugin["type"], pod_id, netns, conf)
+            result = await self._call(
+                "ADD", plugin["type"], pod_id, netns, conf, record["container_id"]
+            )
             if plugin["type"] == "bridge":
                 self._write_record(pod_id, {**record, "result": result})
         assert result is not None
@@ -336,7 +440,12 @@ class PodNetwork:
             if plugin["type"] in _UNCHECKABLE:
                 continue
             await self._call(
-                "CHECK", plugin["type"], pod_id, str(netns_path), {**plugin, "prevResult": result}
+                "CHECK",
+                plugin["type"],
+                pod_id,
+                str(netns_path),
+                {**plugin, "prevResult": result},
+                _cni_id(record, pod_id),
             )
         return _status(pod_id, result)
 
@@ -354,15 +463,18 @@ class PodNetwork:
         alive = is_netns(netns_path)
         netns = str(netns_path) if alive else ""
         result: dict[str, Any] | None = record.get("result")
+        container_id = _cni_id(record, pod_id)
 
         async def delete_chain() -> None:
             for plugin in reversed(record["chain"]):
                 conf = dict(plugin) if result is None else {**plugin, "prevResult": result}
-                await self._call("DEL", plugin["type"], pod_id, netns, conf)
+                await self._call("DEL", plugin["type"], pod_id, netns, conf, container_id)
 
         steps: list[Coroutine[Any, Any, Any]] = [delete_chain()]
         if alive:
-            steps.append(self._call("DEL", "loopback", pod_id, netns, record["loopback"]))
+            steps.append(
+                self._call("DEL", "loopback", pod_id, netns, record["loopback"], container_id)
+            )
         await _together(*steps)
         self._record_path(pod_id).unlink(missing_ok=True)
 
@@ -402,9 +514,8 @@ class PodNetwork:
         self._masquerading = True
 
     async def remove_bridge(self) -> None:
-        """Delete the bridge and its masquerade rule once no pod of this root is attached.
-
-        The CNI plugins never delete a bridge; ``magikrun system gc`` and tests do it here.
+        """Delete the bridge, its masquerade rule and its host-wide state once no pod of
+        any root is on it (the CNI plugins never delete a bridge; tests do it here).
         """
         if self._records.is_dir() and any(self._records.glob("*.json")):
             raise PodNetworkError(
@@ -412,28 +523,49 @@ class PodNetwork:
                 hint="delete the pods first",
                 bridge=self.bridge,
             )
-        while await self._iptables("-C") == 0:
-            if await self._iptables("-D") != 0:
+        async with self._bridge_lock(fcntl.LOCK_EX):
+            others = self._allocations()
+            if others:
                 raise PodNetworkError(
-                    f"cannot remove the masquerade rule for {self.subnet}", subnet=self.subnet
+                    f"pods still hold {len(others)} address(es) on {self.bridge}: "
+                    f"{', '.join(sorted(others))}",
+                    hint="delete the pods of the other magikrun roots on this bridge first",
+                    bridge=self.bridge,
                 )
-        self._masquerading = False
-        done = await _process.run(
-            ["ip", "link", "del", "dev", self.bridge, "type", "bridge"], timeout=CNI_PLUGIN_TIMEOUT
-        )
-        if done.returncode != 0 and b"Cannot find device" not in done.stderr:
-            raise PodNetworkError(
-                f"cannot delete bridge {self.bridge}: {done.stderr.decode(errors='replace')}",
-                bridge=self.bridge,
+            while await self._iptables("-C") == 0:
+                if await self._iptables("-D") != 0:
+                    raise PodNetworkError(
+                        f"cannot remove the masquerade rule for {self.subnet}", subnet=self.subnet
+                    )
+            self._masquerading = False
+            done = await _process.run(
+                ["ip", "link", "del", "dev", self.bridge, "type", "bridge"],
+                timeout=CNI_PLUGIN_TIMEOUT,
             )
+            if done.returncode != 0 and b"Cannot find device" not in done.stderr:
+                raise PodNetworkError(
+                    f"cannot delete bridge {self.bridge}: {done.stderr.decode(errors='replace')}",
+                    bridge=self.bridge,
+                )
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self._ipam)
+            (self._host / "subnet").unlink(missing_ok=True)
+            (self._host / "lock").unlink()
+            self._host.rmdir()
 
     async def _call(
-        self, command: str, plugin: str, pod_id: str, netns: str, conf: dict[str, Any]
+        self,
+        command: str,
+        plugin: str,
+        pod_id: str,
+        netns: str,
+        conf: dict[str, Any],
+        container_id: str,
     ) -> dict[str, Any]:
         env = {
             "PATH": _PLUGIN_PATH,
             "CNI_COMMAND": command,
-            "CNI_CONTAINERID": pod_id,
+            "CNI_CONTAINERID": container_id,
             "CNI_NETNS": netns,
             "CNI_IFNAME": POD_INTERFACE,
             "CNI_PATH": str(self.plugin_dir),
@@ -531,6 +663,23 @@ async def _together(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
             first.add_note(f"and at the same time: {other}")
         raise first from None
     return [task.result() for task in tasks]
+
+
+def root_tag(paths: Paths) -> str:
+    """What qualifies a root's pod ids into host-wide CNI container ids."""
+    return hashlib.sha256(os.fsencode(paths.run.resolve())).hexdigest()[:12]
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def _cni_id(record: dict[str, Any], pod_id: str) -> str:
+    """The CNI container id the attachment was made with (the bare pod id in old records)."""
+    return str(record.get("container_id", pod_id))
 
 
 def _check_id(pod_id: str) -> None:
