@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import wasmtime
 
+from magikrun.errors import PodStartFailed
 from magikrun.image import BundleBuilder, ImageService, LayoutWriter, build_demo_images
 from magikrun.image._mediatypes import WASM_CONFIG, WASM_LAYER
 from magikrun.platform import Paths
@@ -30,6 +31,8 @@ BUSYBOX = "magikrun.local/busybox:demo"
 HELLO = "magikrun.local/hello-wasm:demo"
 WAT_DIR = Path(__file__).parent / "wasm"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+FAILING_INIT = "echo one; echo two; echo oops >&2; exit 7"
+"""An init container's command: two lines to stdout, one to stderr, then it fails."""
 
 
 def free_subnet() -> str:
@@ -56,6 +59,22 @@ def busybox(name: str, command: str, extra: str = "") -> str:
     return (
         f"  - name: {name}\n    image: {BUSYBOX}\n    imagePullPolicy: Never\n"
         f"    command: [sh, -c, {command!r}]\n{extra}"
+    )
+
+
+def check_init_failure(error: PodStartFailed, name: str = "setup") -> None:
+    """``error`` failed the pod for init container ``name`` as FAILING_INIT does: with
+    code 7 and its three lines (their order across the two streams is not fixed)."""
+    assert (error.step, error.container, error.exit_code) == ("init", name, 7)
+    first, header, *block = error.message.split("\n")
+    assert f"failed: init container {name!r} exited with code 7; undone: " in first
+    assert first.endswith("nothing is left")
+    assert header == "its last output:"
+    assert sorted(block) == ["  | one", "  | oops", "  | two"]
+    assert block.index("  | one") < block.index("  | two")
+    assert sorted(error.output.split("\n")) == ["one", "oops", "two"]
+    assert error.hint == (
+        "fix the init container's command or image; the pod was rolled back, so its log is gone"
     )
 
 

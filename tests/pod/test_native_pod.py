@@ -17,8 +17,10 @@ from tests.conftest import requires_root
 from tests.pod._podkit import (
     BUSYBOX,
     CGROUP_ROOT,
+    FAILING_INIT,
     PodEnv,
     busybox,
+    check_init_failure,
     pod_yaml,
     spec,
     unique,
@@ -226,12 +228,27 @@ async def test_init_containers_run_in_order_before_the_app(env: PodEnv) -> None:
     assert env.leftovers() == {}
 
 
-async def test_failing_init_container_fails_the_pod_with_nothing_left(env: PodEnv) -> None:
+async def test_failing_init_container_fails_the_pod_with_its_output_and_nothing_left(
+    env: PodEnv,
+) -> None:
+    extra = "  initContainers:\n" + busybox("setup", FAILING_INIT)
+    manifest = pod_yaml(unique(), busybox("main", SLEEP), extra)
+    with pytest.raises(PodStartFailed) as caught:
+        await env.native().run_pod(spec(manifest))
+    check_init_failure(caught.value)
+    assert env.leftovers() == {}
+
+
+async def test_silent_failing_init_container_says_it_printed_nothing(env: PodEnv) -> None:
     extra = "  initContainers:\n" + busybox("setup", "exit 7")
     manifest = pod_yaml(unique(), busybox("main", SLEEP), extra)
-    with pytest.raises(PodStartFailed, match="exited with code 7") as caught:
+    with pytest.raises(PodStartFailed) as caught:
         await env.native().run_pod(spec(manifest))
-    assert (caught.value.step, caught.value.container) == ("init", "setup")
+    assert caught.value.message.endswith(
+        "failed: init container 'setup' exited with code 7; it printed nothing; "
+        f"undone: {len(caught.value.undone)} resource(s), nothing is left"
+    )
+    assert (caught.value.exit_code, caught.value.output) == (7, "")
     assert env.leftovers() == {}
 
 

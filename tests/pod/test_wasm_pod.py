@@ -7,7 +7,15 @@ import pytest
 from magikrun.errors import NotSupported, PodStartFailed
 from magikrun.image import ImageService
 from magikrun.pod import PodPhase, open_pod_runtime
-from tests.pod._podkit import HELLO, PodEnv, import_wasm_image, spec, unique, wait_for
+from tests.pod._podkit import (
+    HELLO,
+    PodEnv,
+    check_init_failure,
+    import_wasm_image,
+    spec,
+    unique,
+    wait_for,
+)
 
 
 def _module(name: str, image: str, extra: str = "") -> str:
@@ -76,6 +84,23 @@ async def test_a_bad_module_fails_the_whole_pod_with_nothing_left(env: PodEnv) -
     with pytest.raises(PodStartFailed) as caught:
         await runtime.run_pod(spec(manifest))
     assert caught.value.container == "bad"
+    assert env.leftovers() == {}
+    assert await runtime.list_pods() == []
+
+
+async def test_failing_init_module_fails_the_pod_with_its_output_and_nothing_left(
+    env: PodEnv,
+) -> None:
+    await import_wasm_image(env.paths, "magikrun.local/fail:test", "fail")
+    manifest = _pod(
+        unique(),
+        _module("hello", HELLO),
+        "  initContainers:\n" + _module("setup", "magikrun.local/fail:test"),
+    )
+    runtime = env.wasm()
+    with pytest.raises(PodStartFailed) as caught:
+        await runtime.run_pod(spec(manifest))
+    check_init_failure(caught.value)
     assert env.leftovers() == {}
     assert await runtime.list_pods() == []
 

@@ -10,7 +10,7 @@ from magikrun.platform import Paths
 from magikrun.pod import PodPhase, PodSpec
 from magikrun.pod._microvm import MicroVmPodRuntime, vm_size
 
-from ..pod._podkit import busybox, pod_yaml, unique
+from ..pod._podkit import FAILING_INIT, busybox, check_init_failure, pod_yaml, unique
 from .conftest import needs_vm
 from .test_microvm_pod import _leftovers
 
@@ -62,16 +62,13 @@ async def test_init_containers_run_in_order_before_the_app(paths: Paths) -> None
 @needs_vm
 async def test_failing_init_container_rolls_the_pod_back(paths: Paths) -> None:
     await build_demo_images(paths)
-    inits = busybox("setup", "echo cannot set up >&2; exit 3") + busybox("never", "true")
+    inits = busybox("setup", FAILING_INIT) + busybox("never", "true")
     spec = _spec(unique("vm"), inits, busybox("app", "sleep 1000"))
     runtime = MicroVmPodRuntime(paths)
     with pytest.raises(PodStartFailed) as caught:
         await runtime.run_pod(spec)
-    error = caught.value
-    assert isinstance(error, PodError)
-    assert "init container 'setup' exited with code 3" in error.message
-    assert error.hint == f"see its log: magikrun pod logs {spec.id} -c setup"
-    assert (error.step, error.container) == ("init", "setup")
+    assert isinstance(caught.value, PodError)
+    check_init_failure(caught.value)
     assert _leftovers(paths) == {}
     assert not (paths.run / "pods" / spec.id).exists()
     assert await runtime.list_pods() == []

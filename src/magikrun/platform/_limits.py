@@ -22,6 +22,8 @@ __all__ = [
     "MAX_FILES_PER_LAYER",
     "MAX_IMAGE_REF_LEN",
     "MAX_INFLIGHT_BLOBS",
+    "MAX_INIT_OUTPUT_BYTES",
+    "MAX_INIT_OUTPUT_LINES",
     "MAX_LAYERS",
     "MAX_LAYER_SIZE",
     "MAX_MANIFEST_SIZE",
@@ -145,6 +147,10 @@ VM_EXEC_MAX_OUTPUT = 1 * MiB
 """Bytes of stdout (and of stderr) one exec in a microVM returns; more is cut and flagged."""
 VM_LOG_MAX_LINES = 10_000
 """Log records a microVM's init keeps per process (older ones are dropped, and counted)."""
+MAX_INIT_OUTPUT_LINES = 20
+"""Last lines of a failed init container's output its error carries (its log is rolled back)."""
+MAX_INIT_OUTPUT_BYTES = 4 * KiB
+"""Bytes of those lines together (cut at line boundaries)."""
 POD_ROLLBACK_TIMEOUT = 120.0
 """Seconds undoing a failed pod start may take before the rest is left to ``system gc``."""
 RESTART_BACKOFF_BASE = 1.0

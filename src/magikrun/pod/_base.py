@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..errors import (
 )
 from ..infra._events import ContainerExited, PodStopping
 from ..infra._host import InfraLink
-from ..platform._limits import RESTART_BACKOFF_BASE
+from ..platform._limits import MAX_INIT_OUTPUT_BYTES, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import (
     ContainerRecord,
@@ -39,6 +40,7 @@ from ..runtime import (
     OciRuntime,
 )
 from ..runtime._monitor import read_exit
+from ..runtime._output import last_output
 from ..runtime._store import process_start_time, read_pid_file, stop_pid_file
 from ._fault import FaultHook, fault_from_env
 from ._rollback import Rollback, describe
@@ -56,6 +58,7 @@ __all__ = [
     "infra_id",
     "init_container_failed",
     "kubernetes_annotations",
+    "log_tail",
     "together",
 ]
 
@@ -64,6 +67,9 @@ T = TypeVar("T")
 _STOP_POLL = 0.05
 _FOLLOW_POLL = 0.1
 _INFRA_GRACE = 5.0
+_TAIL_WINDOW = 16 * MAX_INIT_OUTPUT_BYTES
+"""Bytes of a log's end read for an init container's error: more than the monitor's
+longest record (16 KiB), so the last line is whole."""
 
 
 def container_id(pod_id: str, name: str) -> str:
@@ -85,14 +91,42 @@ def kubernetes_annotations(spec: PodSpec, container_name: str) -> dict[str, str]
     }
 
 
-def init_container_failed(pod_id: str, name: str, code: int) -> PodError:
-    """The error that fails a pod whose init container ``name`` exited non-zero."""
+def init_container_failed(pod_id: str, name: str, code: int, output: Iterable[str]) -> PodError:
+    """The error that fails a pod whose init container ``name`` exited non-zero.
+
+    The rollback removes the container's log, so the error carries the log's last
+    ``output`` lines (bounded and escaped: the container wrote them), in ``output`` and
+    as an indented block after the message's first line.
+    """
+    text = last_output(output)
+    block = "\n".join(f"  | {line}" for line in text.split("\n"))
+    said = f"\nits last output:\n{block}" if text else "; it printed nothing"
     return PodError(
-        f"init container {name!r} exited with code {code}",
-        hint=f"see its log: magikrun pod logs {pod_id} -c {name}",
+        f"init container {name!r} exited with code {code}{said}",
+        hint="fix the init container's command or image; the pod was rolled back, "
+        "so its log is gone",
+        pod_id=pod_id,
         container=name,
         exit_code=code,
+        output=text,
     )
+
+
+def log_tail(path: Path) -> list[str]:
+    """The texts of the last records of a CRI log (none when there is no log): enough
+    of its end for :func:`last_output`, read without reading the whole file."""
+    try:
+        with open(path, "rb") as file:
+            start = max(file.seek(0, os.SEEK_END) - _TAIL_WINDOW, 0)
+            file.seek(start)
+            data = file.read()
+    except FileNotFoundError:
+        return []
+    records = data.split(b"\n")
+    if start:
+        records = records[1:]  # it may begin inside a record
+    lines = [_parse_cri("", raw) for raw in records]
+    return [line.text for line in lines if line is not None]
 
 
 def pod_dir(paths: Paths, pod_id: str) -> Path:
@@ -223,14 +257,17 @@ class PodRuntimeBase:
     def _rollback(self, spec: PodSpec, where: _Where) -> Rollback:
         def wrap(exc: Exception, undone: list[str]) -> Exception:
             container = f" of container {where.container!r}" if where.container else ""
+            first, newline, rest = describe(exc).partition("\n")
+            carried = getattr(exc, "subject", {})
             return PodStartFailed(
                 f"pod {spec.namespace}/{spec.name}: step {where.step}{container} failed: "
-                f"{describe(exc)}; undone: {len(undone)} resource(s), nothing is left",
+                f"{first}; undone: {len(undone)} resource(s), nothing is left{newline}{rest}",
                 hint=getattr(exc, "hint", None) or PodStartFailed.default_hint,
                 pod_id=spec.id,
                 container=where.container,
                 step=where.step,
                 undone=tuple(undone),
+                **{key: carried[key] for key in ("exit_code", "output") if key in carried},
             )
 
         return Rollback(wrap=wrap)

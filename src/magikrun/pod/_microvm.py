@@ -537,7 +537,9 @@ def _boot_error(pod: str, where: _Where, exc: VmBootFailed) -> MagikrunError | N
     subject = exc.subject
     if "init_container" in subject:
         where.step, where.container = "init", str(subject["init_container"])
-        return init_container_failed(pod, where.container, int(subject["exit_code"]))
+        text = str(subject.get("output") or "")
+        output = text.split("\n") if text else []
+        return init_container_failed(pod, where.container, int(subject["exit_code"]), output)
     if "infra_error" in subject:
         where.step, where.container = "infra", None
         if subject.get("extension") is None:

@@ -39,6 +39,7 @@ from ._base import (
     infra_id,
     init_container_failed,
     kubernetes_annotations,
+    log_tail,
     pod_dir,
     together,
 )
@@ -468,7 +469,8 @@ class NativePodRuntime(PodRuntimeBase):
         code = await self.runtime.wait(cid)
         await _tell(link, ContainerExited(name=init.name, exit_code=code, reason=_reason(code)))
         if code != 0:
-            raise init_container_failed(pod, init.name, code)
+            output = log_tail(self.containers.log_path(cid))
+            raise init_container_failed(pod, init.name, code, output)
 
     async def exec(
         self,

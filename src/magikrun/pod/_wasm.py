@@ -33,6 +33,7 @@ from ._base import (
     container_id,
     init_container_failed,
     kubernetes_annotations,
+    log_tail,
     pod_dir,
     together,
 )
@@ -119,7 +120,8 @@ class WasmPodRuntime(PodRuntimeBase):
                 await self.runtime.start(cid)
                 code = await self.runtime.wait(cid)
                 if code != 0:
-                    raise init_container_failed(pod, init.name, code)
+                    output = log_tail(self.containers.log_path(cid))
+                    raise init_container_failed(pod, init.name, code, output)
             for c in spec.containers:
                 self._at(where, "start", c.name)
                 await self.runtime.start(container_id(pod, c.name))

@@ -38,15 +38,16 @@ from ..errors import (
     VmBootFailed,
     VmControlError,
 )
-from ..platform._limits import VM_BOOT_TIMEOUT, VM_CONTROL_TIMEOUT
+from ..platform._limits import MAX_INIT_OUTPUT_LINES, VM_BOOT_TIMEOUT, VM_CONTROL_TIMEOUT
 from ..platform._paths import Paths
 from ._crun import load_bundle_config, rootfs_of
 from ._monitor import EXIT_FILE, LOG_FILE, rfc3339_nano
+from ._output import last_output
 from ._store import ContainerStore, process_start_time, read_pid_file, stop_pid_file
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 
 if TYPE_CHECKING:
-    from ..vminit import GuestProcess
+    from ..vminit import ControlClient, GuestProcess
 
 __all__ = [
     "CRUN",
@@ -134,13 +135,18 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
     return answer
 
 
-def _boot_failure(failure: Mapping[str, Any]) -> VmBootFailed:
-    """What stopped the guest's boot, with its subject (``init_container`` and
-    ``exit_code``, or the infra ``extension``) for the pod runtime's error."""
+async def _boot_failure(failure: Mapping[str, Any], client: ControlClient) -> VmBootFailed:
+    """What stopped the guest's boot, with its subject (``init_container``, ``exit_code``
+    and its last ``output``, or the infra ``extension``) for the pod runtime's error."""
     if failure.get("kind") == "init":
         name, code = str(failure["name"]), int(failure["exit_code"])
+        records = client.logs(name, tail=MAX_INIT_OUTPUT_LINES)
+        output = last_output([record.line async for record in records])
         return VmBootFailed(
-            f"init container {name!r} exited with code {code}", init_container=name, exit_code=code
+            f"init container {name!r} exited with code {code}",
+            init_container=name,
+            exit_code=code,
+            output=output,
         )
     error = str(failure.get("error"))
     return VmBootFailed(
@@ -299,14 +305,15 @@ class _Keeper:
         while True:
             stage = await self.vm.client.boot()
             if stage["failure"] is not None:
-                raise _boot_failure(stage["failure"])
+                raise await _boot_failure(stage["failure"], self.vm.client)
             if stage["stage"] == "apps":
                 break
             if loop.time() > deadline:
                 raise VmBootFailed(
                     f"the pod did not get past its {stage['stage']} stage within "
                     f"{self.vm.config.boot_timeout} s",
-                    hint="see the init containers' logs ('magikrun pod logs POD -c NAME')",
+                    hint="make the init containers (and extensions) finish sooner; the pod "
+                    "was rolled back, so their logs are gone",
                 )
             await asyncio.sleep(_POLL)
         never_ran = await self.wait_started(max(deadline - loop.time(), _POLL))
