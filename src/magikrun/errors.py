@@ -314,7 +314,8 @@ class PodExists(PodError):
 
 
 class PodStartFailed(PodError):
-    """Raised when run_pod fails; ``container`` and ``step`` say where, ``undone`` lists undos."""
+    """Raised when run_pod fails; ``container`` and ``step`` say where, ``undone`` lists undos;
+    a failed init container adds its ``exit_code`` and last ``output``."""
 
     default_hint = "fix the cause named in the message; nothing of the pod was left behind"
 

@@ -140,8 +140,11 @@ async def _boot_failure(failure: Mapping[str, Any], client: ControlClient) -> Vm
     and its last ``output``, or the infra ``extension``) for the pod runtime's error."""
     if failure.get("kind") == "init":
         name, code = str(failure["name"]), int(failure["exit_code"])
-        records = client.logs(name, tail=MAX_INIT_OUTPUT_LINES)
-        output = last_output([record.line async for record in records])
+        try:
+            records = client.logs(name, tail=MAX_INIT_OUTPUT_LINES)
+            output = last_output([record.line async for record in records])
+        except VmControlError as exc:
+            output = f"(its output could not be read from the guest: {exc})"
         return VmBootFailed(
             f"init container {name!r} exited with code {code}",
             init_container=name,
