@@ -93,3 +93,16 @@ async def test_unwind_survives_a_second_cancel_and_is_time_bounded() -> None:
         await task
     assert finished == ["slow"]
     assert any("undoing rollback failed" in note for note in caught.value.__notes__)
+
+
+async def test_a_multiline_error_keeps_its_detail_after_the_cleanup_failure() -> None:
+    async def fails() -> None:
+        raise OSError("disk gone")
+
+    with pytest.raises(RollbackFailed) as caught:
+        async with Rollback() as rollback:
+            rollback.push("bad", fails)
+            raise BackendFailed("init failed\nits last output:\n  | boom")
+    assert caught.value.message == (
+        "init failed; and undoing it failed at bad (disk gone)\nits last output:\n  | boom"
+    )

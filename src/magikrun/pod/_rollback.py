@@ -102,9 +102,11 @@ class Rollback:
                 exc.add_note(f"undoing {label} failed: {error}")
             return False
         if self.errors:
+            first, newline, rest = str(exc).partition("\n")
             raise RollbackFailed(
-                f"{exc}; and undoing it failed at "
-                + ", ".join(f"{label} ({error})" for label, error in self.errors),
+                f"{first}; and undoing it failed at "
+                + ", ".join(f"{label} ({error})" for label, error in self.errors)
+                + f"{newline}{rest}",
                 original=exc,
                 cleanup_errors=tuple(error for _, error in self.errors),
                 undone=tuple(self.undone),
