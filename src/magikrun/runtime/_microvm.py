@@ -43,6 +43,7 @@ from ..platform._paths import Paths
 from ._crun import load_bundle_config, rootfs_of
 from ._monitor import EXIT_FILE, LOG_FILE, rfc3339_nano
 from ._store import ContainerStore, process_start_time, read_pid_file, stop_pid_file
+from ._trace import trace
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
     vm_dir.mkdir(mode=0o700, exist_ok=True)
     (vm_dir / "plan.json").write_text(json.dumps(plan))
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    trace("keeper.spawn")
     try:
         argv = _process.detached_argv(
             str(vm_dir / "keeper.pid"),
@@ -108,6 +110,7 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
         done = await _process.run(argv, timeout=30.0, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
+    trace("keeper.detached")
     with os.fdopen(read_fd, "rb", 0) as status:
         if done.returncode != 0:
             raise VmBootFailed(
@@ -124,6 +127,7 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
                 line = await reader.readline()
         finally:
             transport.close()
+    trace("keeper.answered")
     answer: dict[str, Any] = json.loads(line) if line else {}
     if not answer.get("ok"):
         raise VmBootFailed(
@@ -291,6 +295,7 @@ class _Keeper:
                 qemu_pid.write_text(f"{pid} {process_start_time(pid)}")
             await asyncio.wait({boot}, timeout=0.05)
         boot.result()
+        trace("keeper.vm_ready")
         if self.vm.config.infra is not None:
             self.relay = asyncio.ensure_future(self.relay_ports())
         if self.gated:
@@ -309,8 +314,11 @@ class _Keeper:
                     hint="see the init containers' logs ('magikrun pod logs POD -c NAME')",
                 )
             await asyncio.sleep(_POLL)
+        trace("keeper.apps_stage")
         never_ran = await self.wait_started(max(deadline - loop.time(), _POLL))
+        trace("keeper.started")
         await self.refresh()
+        trace("keeper.refreshed")
         failed = {n: self.containers[n] for n in never_ran}
         if failed:
             logs = {n: [r.line async for r in self.vm.client.logs(n)] for n in failed}
@@ -498,8 +506,10 @@ class _Keeper:
 
 
 async def _keep(paths: Paths, directory: Path, status_fd: int) -> None:
+    trace("keeper.main")
     status = os.fdopen(status_fd, "w")
     keeper = _Keeper(paths, directory)
+    trace("keeper.init")
     try:
         await keeper.boot()
     except BaseException as exc:

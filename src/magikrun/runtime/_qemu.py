@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from ._guestkernel import GuestKernel, find_guest_kernel
 from ._guestpython import PythonPack, pack_python
 from ._initramfs import build_initramfs, write_vm_initramfs
 from ._tap import open_tap
+from ._trace import trace
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -426,7 +428,9 @@ class MicroVm:
             raise
 
     async def _launch(self) -> None:
+        trace("vm.launch")
         kernel, archives = await asyncio.to_thread(boot_files, self.paths, self.config)
+        trace("vm.boot_files")
         self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.mkdir(mode=0o700)
         token = secrets.token_urlsafe(32)
@@ -446,6 +450,7 @@ class MicroVm:
         await asyncio.to_thread(
             write_vm_initramfs, archives, initramfs, {"config.json": guest.to_json()}
         )
+        trace("vm.initramfs")
         ctl_host, ctl_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         qmp_host, qmp_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [ctl_qemu.fileno(), qmp_qemu.fileno()]
@@ -454,6 +459,7 @@ class MicroVm:
             if isinstance(self.config.network, TapNetwork):
                 tap_fd = await open_tap(Path(self.config.network.netns))
                 fds.append(tap_fd)
+            trace("vm.tap")
             argv = qemu_argv(
                 self.config, self.accel, kernel.vmlinux, initramfs, self.console_log,
                 ctl_qemu.fileno(), qmp_qemu.fileno(), tap_fd,
@@ -477,9 +483,11 @@ class MicroVm:
             qmp_qemu.close()
             if tap_fd is not None:
                 os.close(tap_fd)  # QEMU's copy keeps the tap; it goes when QEMU does
+        trace("vm.qemu_started")
         self._watch = asyncio.ensure_future(self._watch_exit(self._proc))
         self._client = await ControlClient.open(ctl_host, token)
         await self._open_qmp(qmp_host)
+        trace("vm.qmp")
 
     async def _open_qmp(self, sock: socket.socket) -> None:
         from qemu.qmp import QMPClient, QMPError
@@ -519,6 +527,11 @@ class MicroVm:
                 ready.cancel()
         if ready.done() and ready.exception() is None:
             self.ready = ready.result()
+            now = time.monotonic()
+            uptime = float(self.ready.get("uptime", 0.0))
+            for step, at in self.ready.get("marks", {}).items():
+                trace(f"guest.{step}", now - uptime + float(at))
+            trace("vm.ready_received", now)
             await client.hello()
             return
         raise await self._died("the control channel closed")
