@@ -46,6 +46,9 @@ initramfs, which becomes that root)."""
 _FORMAT = 3
 """Bumped when the pack's layout changes, so older cached packs are not reused."""
 _PROBE_TIMEOUT = 30.0
+_ON_ERROR = ("json.decoder",)
+"""Modules the guest imports only on an error, and not by an import statement:
+``_json`` raises ``json.decoder.JSONDecodeError`` for a malformed frame."""
 _PROBE = """
 import json, os, sys, types
 package, names = sys.argv[1], json.loads(sys.argv[2])
@@ -188,7 +191,7 @@ def _probe(python: str, package: Path, names: Sequence[str]) -> dict[str, Any]:
 def _probe_all(python: str, package: Path) -> dict[str, Any]:
     """The probe after vminit's imports, then again with the imports its guest modules
     make on use (the host-side modules of the package are not read)."""
-    wanted: list[str] = []
+    wanted: list[str] = list(_ON_ERROR)
     while True:  # until the guest modules the last probe loaded import nothing new
         found = _probe(python, package, wanted)
         guest = [Path(f) for n, f in found["modules"].items() if n.startswith("magikrun.") and f]
