@@ -12,9 +12,12 @@ import pytest
 
 from magikrun.errors import RuntimeUnavailable
 from magikrun.platform import Paths
+from magikrun.runtime import _guestpython
 from magikrun.runtime._guestpython import (
     GUEST_PREFIX,
+    SYSTEM_PYTHON,
     _soname,
+    guest_interpreter,
     loadable_image,
     pack_python,
     vminit_imports,
@@ -68,7 +71,8 @@ def test_loadable_image_refuses_what_is_not_elf64() -> None:
 def test_vminit_imports_include_imports_on_use_but_not_type_checking() -> None:
     names = vminit_imports(PACKAGE / "vminit" / f"{m}.py" for m in GUEST_MODULES)
     assert "ctypes" in names  # power_off imports it when the guest ends
-    assert {"json", "selectors", "signal"} <= set(names)
+    assert {"_json", "_signal", "select"} <= set(names)  # the boot's own imports
+    assert {"json", "signal"} <= set(names)  # the infra relay's, imported on use
     assert "typing" not in names
     assert "magikrun.vminit._infra" in names  # the server imports it on use
     assert not [n for n in names if n.startswith("magikrun") and "vminit" not in n]
@@ -89,7 +93,7 @@ def test_pack_holds_vminit_and_its_stdlib_and_is_cached(paths: Paths, tmp_path: 
     lib = f"{prefix}/lib/python{sys.version_info.major}.{sys.version_info.minor}"
     for module in GUEST_MODULES:
         assert f"{prefix}/magikrun/vminit/{module}.pyc" in names
-    for module in ("json/decoder.pyc", "selectors.pyc", "ctypes/__init__.pyc", "socket.pyc"):
+    for module in ("json/decoder.pyc", "ctypes/__init__.pyc", "socket.pyc"):
         assert f"{lib}/{module}" in names
     assert f"{prefix}/magikrun/vminit/_client.pyc" not in names  # the host's side
     assert not [n for n in names if "asyncio" in n or n.endswith(".py")]
@@ -130,3 +134,27 @@ def test_packed_interpreter_runs_vminit_from_the_pack_alone(paths: Paths, tmp_pa
     used = json.loads(done.stdout)
     assert used, done.stderr
     assert [p for p in used if not p.startswith(root)] == []
+
+
+def test_the_system_build_of_this_python_version_is_packed_where_it_exists(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if SYSTEM_PYTHON.is_file():
+        assert guest_interpreter() == str(SYSTEM_PYTHON.resolve())
+    monkeypatch.setattr(_guestpython, "SYSTEM_PYTHON", tmp_path / "python3.missing")
+    assert guest_interpreter() == str(Path(sys.executable).resolve())
+
+
+def test_an_interpreter_of_another_version_is_refused(
+    monkeypatch: pytest.MonkeyPatch, paths: Paths, tmp_path: Path
+) -> None:
+    """A ``python3.X`` whose ``.pyc`` magic differs (as the probe reports it) is not packed
+    with this process's ``.pyc`` files, and nothing is cached."""
+    other = tmp_path / "python3.other"
+    probe = {"modules": {}, "maps": [], "stdlib": str(tmp_path), "magic": "00000d0a"}
+    other.write_text(f"#!/bin/sh\necho '{json.dumps(probe)}'\n")
+    other.chmod(0o755)
+    monkeypatch.setattr(_guestpython, "SYSTEM_PYTHON", other)
+    with pytest.raises(RuntimeUnavailable, match=r"python3\.other reads other \.pyc files than"):
+        pack_python(paths, PACKAGE)
+    assert not list((paths.cache / "python").glob("*"))

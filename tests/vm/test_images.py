@@ -5,8 +5,10 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import os
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,13 @@ from magikrun.runtime._initramfs import (
     module_load_order,
     strip_signature,
     write_vm_initramfs,
+)
+from magikrun.runtime._qemu import (
+    _PACKAGE,
+    GuestPython,
+    guest_init,
+    host_shares,
+    python_shares,
 )
 from magikrun.vminit import early_init_script
 from magikrun.vminit._protocol import decode, encode
@@ -183,3 +192,20 @@ def test_module_signatures_are_stripped_only_where_not_enforced(
     config.write_text("CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n")
     assert lenient.enforces_module_signatures()
     assert GuestKernel(kernel.version, kernel.vmlinux, kernel.modules).enforces_module_signatures()
+
+
+def test_a_packed_guest_shares_usr_but_not_the_hosts_python_or_magikrun() -> None:
+    """The packed interpreter needs neither; the host's interpreter (``SHARED``) and a
+    pod's infra program (its read-only shares) need both."""
+    python_dirs = {os.path.realpath(sys.base_prefix), _PACKAGE}
+    packed = {path for _, path in host_shares(GuestPython.PACKED)[0]}
+    shared = {path for _, path in host_shares(GuestPython.SHARED)[0]}
+    assert "/usr" in packed
+    assert packed <= shared
+    assert not python_dirs & packed - {"/usr"}
+    for path in python_dirs:
+        assert any(path == d or path.startswith(d + "/") for d in shared), path
+        beyond_usr = not path.startswith("/usr/")
+        assert (path in python_shares()) is beyond_usr, path
+    script = guest_init().decode()  # the host's interpreter: its shares in /init
+    assert all(f"/sysroot{path}" in script for _, path in host_shares(GuestPython.SHARED)[0])

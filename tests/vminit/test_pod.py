@@ -136,6 +136,22 @@ def test_mount_turns_ro_into_a_flag_and_passes_the_rest(short_tmp: Path) -> None
 
 
 @requires_root
+def test_mount_turns_nosuid_nodev_noexec_into_flags(short_tmp: Path) -> None:
+    target = short_tmp / "t"
+    target.mkdir()
+    code = (
+        "import os; from magikrun.vminit._pod import mount;"
+        f' mount("tmp", "{target}", "tmpfs", "nosuid,nodev,noexec,size=1m");'
+        f' f = os.statvfs("{target}").f_flag;'
+        " print(bool(f & os.ST_NOSUID), bool(f & os.ST_NODEV), bool(f & os.ST_NOEXEC))"
+    )
+    done = _in_namespace("-m", f"mount --make-rprivate / && {_python(code)}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True"]
+    assert not _mounted(target)
+
+
+@requires_root
 def test_configure_network_sets_links_address_and_default_route() -> None:
     code = (
         "from magikrun.vminit._pod import configure_network;"

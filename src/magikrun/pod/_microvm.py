@@ -73,6 +73,7 @@ from ..runtime._microvm import (
 from ..runtime._qemu import python_shares
 from ..runtime._store import stop_pid_file
 from ..runtime._tap import tap_unavailable_reason
+from ..runtime._trace import trace
 from ..vminit._client import INFRA_GUEST_DIR
 from ._base import (
     PodRuntimeBase,
@@ -167,6 +168,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
 
     async def run_pod(self, spec: PodSpec) -> PodHandle:
         """Boot the pod's VM with every container running, or leave nothing behind."""
+        trace("pod.run_pod")
         await self._ready()
         network = await self._choose_network()
         extensions = infra_extensions(spec.metadata.annotations)
@@ -178,10 +180,12 @@ class MicroVmPodRuntime(PodRuntimeBase):
             rollback.push("record", lambda: self._drop_record(pod, rollback))
             self._at(where, "pull")
             images = await self._pull_all(spec, where)
+            trace("pod.pulled")
             attached = None
             if network == "bridge":
                 attached = await self._attach(rollback, spec, where)
                 self.store.update(pod, ip=attached.ip)
+                trace("pod.attached")
             ip = attached.ip if attached else None
             fields = RuntimeFields(pod_ip=ip or "", host_ip=attached.gateway if attached else "")
             self._at(where, "bundle")
@@ -198,6 +202,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
                 ]
             )
             await finish_in_thread(write_etc_files, spec, directory / "etc", pod_ip=ip)
+            trace("pod.bundles")
             self._at(where, "boot")
             plan = self._plan(spec, directory, rootfs, network, attached, extensions)
             if extensions:
@@ -221,6 +226,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
                 raise error from exc
             self.store.update(pod, state="ready")
             rollback.pop_all()
+        trace("pod.ready")
         return PodHandle(pod, spec.name, spec.namespace, "microvm", ip)
 
     async def _choose_network(self) -> str:

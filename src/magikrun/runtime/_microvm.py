@@ -44,6 +44,7 @@ from ._crun import load_bundle_config, rootfs_of
 from ._monitor import EXIT_FILE, LOG_FILE, rfc3339_nano
 from ._output import last_output
 from ._store import ContainerStore, process_start_time, read_pid_file, stop_pid_file
+from ._trace import trace
 from ._types import ContainerState, ContainerStatus, ExecResult, parse_signal
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
     vm_dir.mkdir(mode=0o700, exist_ok=True)
     (vm_dir / "plan.json").write_text(json.dumps(plan))
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    trace("keeper.spawn")
     try:
         argv = _process.detached_argv(
             str(vm_dir / "keeper.pid"),
@@ -109,6 +111,7 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
         done = await _process.run(argv, timeout=30.0, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
+    trace("keeper.detached")
     with os.fdopen(read_fd, "rb", 0) as status:
         if done.returncode != 0:
             raise VmBootFailed(
@@ -125,6 +128,7 @@ async def spawn_keeper(paths: Paths, vm_dir: Path, plan: Mapping[str, Any]) -> d
                 line = await reader.readline()
         finally:
             transport.close()
+    trace("keeper.answered")
     answer: dict[str, Any] = json.loads(line) if line else {}
     if not answer.get("ok"):
         raise VmBootFailed(
@@ -300,6 +304,7 @@ class _Keeper:
                 qemu_pid.write_text(f"{pid} {process_start_time(pid)}")
             await asyncio.wait({boot}, timeout=0.05)
         boot.result()
+        trace("keeper.vm_ready")
         if self.vm.config.infra is not None:
             self.relay = asyncio.ensure_future(self.relay_ports())
         if self.gated:
@@ -319,8 +324,11 @@ class _Keeper:
                     "was rolled back, so their logs are gone",
                 )
             await asyncio.sleep(_POLL)
+        trace("keeper.apps_stage")
         never_ran = await self.wait_started(max(deadline - loop.time(), _POLL))
+        trace("keeper.started")
         await self.refresh()
+        trace("keeper.refreshed")
         failed = {n: self.containers[n] for n in never_ran}
         if failed:
             logs = {n: [r.line async for r in self.vm.client.logs(n)] for n in failed}
@@ -508,8 +516,10 @@ class _Keeper:
 
 
 async def _keep(paths: Paths, directory: Path, status_fd: int) -> None:
+    trace("keeper.main")
     status = os.fdopen(status_fd, "w")
     keeper = _Keeper(paths, directory)
+    trace("keeper.init")
     try:
         await keeper.boot()
     except BaseException as exc:

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from ._guestkernel import GuestKernel, find_guest_kernel
 from ._guestpython import PythonPack, pack_python
 from ._initramfs import build_initramfs, write_vm_initramfs
 from ._tap import open_tap
+from ._trace import trace
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -193,12 +195,18 @@ def _devices(machine: Machine) -> tuple[str, str]:
 _TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr")
 
 
-def host_shares() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+def host_shares(
+    python: GuestPython = GuestPython.PACKED,
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
     """What the guest sees of the host: (9p tag, directory) shares and top-level links.
 
     ``/usr`` (and ``/bin``, ``/lib``... where they are directories rather than links
-    into it), the Python installation and the magikrun package, read-only; nothing of
-    ``/etc``, ``/root``, ``/home`` or magikrun's state.
+    into it), read-only, for crun and what it loads; with the host's interpreter
+    (``SHARED``), the Python installation and the magikrun package as well. Nothing of
+    ``/etc``, ``/root``, ``/home`` or magikrun's state. A packed guest does without the
+    two (each share is a device to probe and a mount for /init: the guest reached
+    vminit 0.2-0.7 s sooner without them, three interleaved pairs); a pod's infra
+    program gets them from :func:`python_shares`.
     """
     directories: list[str] = []
     links: list[tuple[str, str]] = []
@@ -208,11 +216,17 @@ def host_shares() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], .
             links.append((name, os.readlink(path)))
         elif path.is_dir():
             directories.append(str(path))
-    for extra in (os.path.realpath(sys.base_prefix), _PACKAGE):
-        if not _covered(extra, directories):
-            directories.append(extra)
+    if python is GuestPython.SHARED:
+        for extra in _interpreter_dirs():
+            if not _covered(extra, directories):
+                directories.append(extra)
     shares = tuple((f"magikrun.{index}", path) for index, path in enumerate(directories))
     return shares, tuple(links)
+
+
+def _interpreter_dirs() -> tuple[str, str]:
+    """This process's Python installation and the magikrun package it imports."""
+    return os.path.realpath(sys.base_prefix), _PACKAGE
 
 
 def _covered(path: str, directories: Sequence[str]) -> bool:
@@ -220,12 +234,13 @@ def _covered(path: str, directories: Sequence[str]) -> bool:
 
 
 def python_shares(extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """Directories beyond :func:`host_shares` the guest needs to run this Python as it
-    runs here: its environment (a venv's ``site-packages``, with the ``dist-info`` files
-    ``importlib.metadata`` reads entry points from) and ``extra`` directories."""
+    """Directories beyond a packed guest's :func:`host_shares` it needs to run this Python
+    as it runs here: its installation, the magikrun package, its environment (a venv's
+    ``site-packages``, with the ``dist-info`` files ``importlib.metadata`` reads entry
+    points from) and ``extra`` directories."""
     wanted: list[str] = [d for _, d in host_shares()[0]]
     found: list[str] = []
-    for path in (sys.prefix, *extra):
+    for path in (*_interpreter_dirs(), sys.prefix, *extra):
         if not _covered(path, wanted):
             wanted.append(path)
             found.append(path)
@@ -235,7 +250,7 @@ def python_shares(extra: Sequence[str] = ()) -> tuple[str, ...]:
 def guest_init(python: PythonPack | None = None) -> bytes:
     """The guest's ``/init`` for this host's shares and ``python`` (packed), or the
     host's interpreter over 9p."""
-    shares, links = host_shares()
+    shares, links = host_shares(GuestPython.SHARED if python is None else GuestPython.PACKED)
     if python is None:
         return early_init_script(os.path.realpath(sys.executable), _PACKAGE, shares, links)
     return early_init_script(python.argv, python.package, shares, links)
@@ -291,7 +306,7 @@ def qemu_argv(
         argv += ["-bios", config.firmware]
     read_only = "security_model=none,readonly=on,multidevs=remap"
     for prefix, shares, model in (
-        ("fs", host_shares()[0], read_only),
+        ("fs", host_shares(config.python)[0], read_only),
         ("pod", config.shares, "security_model=passthrough"),
         ("ro", config.read_only_shares, read_only),
     ):
@@ -426,7 +441,9 @@ class MicroVm:
             raise
 
     async def _launch(self) -> None:
+        trace("vm.launch")
         kernel, archives = await asyncio.to_thread(boot_files, self.paths, self.config)
+        trace("vm.boot_files")
         self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.mkdir(mode=0o700)
         token = secrets.token_urlsafe(32)
@@ -446,6 +463,7 @@ class MicroVm:
         await asyncio.to_thread(
             write_vm_initramfs, archives, initramfs, {"config.json": guest.to_json()}
         )
+        trace("vm.initramfs")
         ctl_host, ctl_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         qmp_host, qmp_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [ctl_qemu.fileno(), qmp_qemu.fileno()]
@@ -454,6 +472,7 @@ class MicroVm:
             if isinstance(self.config.network, TapNetwork):
                 tap_fd = await open_tap(Path(self.config.network.netns))
                 fds.append(tap_fd)
+            trace("vm.tap")
             argv = qemu_argv(
                 self.config, self.accel, kernel.vmlinux, initramfs, self.console_log,
                 ctl_qemu.fileno(), qmp_qemu.fileno(), tap_fd,
@@ -477,9 +496,11 @@ class MicroVm:
             qmp_qemu.close()
             if tap_fd is not None:
                 os.close(tap_fd)  # QEMU's copy keeps the tap; it goes when QEMU does
+        trace("vm.qemu_started")
         self._watch = asyncio.ensure_future(self._watch_exit(self._proc))
         self._client = await ControlClient.open(ctl_host, token)
         await self._open_qmp(qmp_host)
+        trace("vm.qmp")
 
     async def _open_qmp(self, sock: socket.socket) -> None:
         from qemu.qmp import QMPClient, QMPError
@@ -519,6 +540,11 @@ class MicroVm:
                 ready.cancel()
         if ready.done() and ready.exception() is None:
             self.ready = ready.result()
+            now = time.monotonic()
+            uptime = float(self.ready.get("uptime", 0.0))
+            for step, at in self.ready.get("marks", {}).items():
+                trace(f"guest.{step}", now - uptime + float(at))
+            trace("vm.ready_received", now)
             await client.hello()
             return
         raise await self._died("the control channel closed")

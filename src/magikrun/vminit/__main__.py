@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from ._init import Loop, Supervisor, power_off
-from ._pod import prepare
+from ._pod import mount_system, prepare
+from ._protocol import loads
 from ._server import ControlServer, find_port
 
 _PORT_WAIT = 5.0
@@ -25,26 +25,38 @@ def _open_port() -> int:
             time.sleep(0.01)
 
 
-def serve(config: dict[str, object]) -> None:
-    """Set up mounts and network, start the pod (see ``ControlServer.boot``), announce ready,
-    serve."""
+def _uptime() -> float:
+    with open("/proc/uptime") as handle:
+        return float(handle.read().split()[0])
+
+
+def serve(config_path: str) -> None:
+    """Mount the kernel's filesystems, set up mounts and network, start the pod (see
+    ``ControlServer.boot``), announce ready with the guest's uptime at each step (for
+    the host's boot timeline), serve."""
+    mount_system()
+    marks = {"vminit.main": _uptime()}
+    with open(config_path, "rb") as handle:
+        config = loads(handle.read())
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds no JSON object")
     prepare(config)
+    marks["vminit.prepared"] = _uptime()
     loop = Loop()
     supervisor = Supervisor(loop)
     server = ControlServer(_open_port(), config, supervisor, power_off)
     server.boot(config)
+    marks["vminit.started"] = _uptime()
     if not config.get("never_ready"):
-        with open("/proc/uptime") as handle:
-            uptime = float(handle.read().split()[0])
-        server.send({"event": "ready", "kernel": os.uname().release, "uptime": uptime})
+        release = os.uname().release
+        uptime = marks["vminit.started"]
+        server.send({"event": "ready", "kernel": release, "uptime": uptime, "marks": marks})
     loop.run()
 
 
 def main(argv: list[str]) -> None:
-    with open(argv[1], "rb") as handle:
-        config = json.load(handle)
     try:
-        serve(config)
+        serve(argv[1])
     except BaseException:
         if os.getpid() == 1:  # powering off would lose the traceback on the console
             import traceback

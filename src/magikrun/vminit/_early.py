@@ -4,10 +4,15 @@ Python cannot start before its files are reachable, and they live on the host: s
 few lines of busybox shell load the modules, build a root from the initramfs's
 ``/sysroot`` and a few host directories shared read-only (``/usr``, the Python
 installation, the magikrun package: never the host's whole root, which holds other
-users' files and secrets), give it fresh /proc, /sys, /dev, /run, /tmp and cgroup2,
-move the VM's private configuration to a guest-only tmpfs, and change root into Python
-running vminit: the host's interpreter over the shares, or one packed into the
-initramfs under ``/sysroot`` that reads nothing from the host.
+users' files and secrets), give it fresh /run and /tmp, move the VM's private
+configuration to a guest-only tmpfs, and change root into Python running vminit: the
+host's interpreter over the shares, or one packed into the initramfs under
+``/sysroot`` that reads nothing from the host. vminit mounts /proc, /sys, /dev and
+cgroup2 itself (:func:`~magikrun.vminit._pod.mount_system`), by system calls.
+
+The script calls busybox's applets by name where busybox's shell runs them in a forked
+child without an ``exec`` (each ``exec`` of busybox cost the boot about 30 ms under
+TCG); ``mount`` is not one of those, so it runs as ``$B mount``.
 
 The root is ``/sysroot`` bind-mounted onto itself and moved over ``/``, as
 ``switch_root`` moves a tmpfs: a root that is a mount with a parent, so crun can
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
+
+from ._pod import HOSTNAME
 
 __all__ = ["CONFIG_PATH", "NEW_ROOT", "early_init_script"]
 
@@ -65,9 +72,9 @@ def early_init_script(
     q = shlex.quote
     bootstrap = _BOOTSTRAP.format(package=package)
     command = " ".join(map(q, [python] if isinstance(python, str) else python))
-    lines = [f"$B ln -s {q(target)} /sysroot/{q(name)}" for name, target in links]
+    lines = [f"ln -s {q(target)} /sysroot/{q(name)}" for name, target in links]
     for tag, path in shares:
-        lines.append(f"$B mkdir -p /sysroot{q(path)}")
+        lines.append(f"mkdir -p /sysroot{q(path)}")
         lines.append(
             f"$B mount -t {share} -o {_MOUNT_OPTIONS[share]} {q(tag)} /sysroot{q(path)}"
             f' || fail "cannot mount {tag}"'
@@ -77,29 +84,21 @@ def early_init_script(
 B=/bin/busybox
 fail() {{ echo "magikrun-init: $*"; $B reboot -f; }}
 umask 022
-while read m; do $B insmod /modules/$m || fail "insmod $m failed"; done < /modules.list
+while read m; do insmod /modules/$m || fail "insmod $m failed"; done < /modules.list
 $B mount --bind /sysroot /sysroot || fail "cannot bind the root"
-$B mkdir /sysroot/etc /sysroot/proc /sysroot/sys /sysroot/dev /sysroot/run /sysroot/tmp
-$B mkdir -m 0700 /sysroot/root
+mkdir /sysroot/etc /sysroot/proc /sysroot/sys /sysroot/dev /sysroot/run /sysroot/tmp
+mkdir -m 0700 /sysroot/root
 $B mount -t tmpfs -o mode=0755,nosuid,nodev run /sysroot/run || fail "cannot mount /run"
 $B mount -t tmpfs -o mode=1777,nosuid,nodev tmp /sysroot/tmp || fail "cannot mount /tmp"
 {mounts}
 echo "root:x:0:0:root:/root:/bin/sh" > /sysroot/etc/passwd
 echo "root:x:0:" > /sysroot/etc/group
 echo "127.0.0.1 localhost" > /sysroot/etc/hosts
-echo "magikrun-vm" > /sysroot/etc/hostname
-$B hostname magikrun-vm
+echo {q(HOSTNAME)} > /sysroot/etc/hostname
 $B mount -o remount,bind,ro /sysroot
-$B mkdir -m 0700 /sysroot/run/magikrun-vm
-$B cp /vm/config.json /sysroot{CONFIG_PATH}
-$B rm -r /vm
-$B mount -t proc -o nosuid,nodev,noexec proc /sysroot/proc
-$B mount -t sysfs -o nosuid,nodev,noexec sysfs /sysroot/sys
-$B mount -t devtmpfs -o nosuid,mode=0755 dev /sysroot/dev
-$B mkdir -p /sysroot/dev/pts /sysroot/dev/shm
-$B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /sysroot/dev/pts
-$B mount -t tmpfs -o mode=1777,nosuid,nodev shm /sysroot/dev/shm
-$B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sysroot/sys/fs/cgroup
+mkdir -m 0700 /sysroot/run/magikrun-vm
+cp /vm/config.json /sysroot{CONFIG_PATH}
+rm -r /vm
 export LC_ALL=C
 cd /sysroot && $B mount --move . / || fail "cannot move the root"
 exec $B chroot . {command} -I -S -X utf8 -c {q(bootstrap)} {CONFIG_PATH}

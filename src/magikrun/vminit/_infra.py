@@ -1,7 +1,7 @@
 """The pod's infra program in the guest: vminit starts it and is its event source.
 
 vminit runs the host's infra program unchanged (``python -I -m magikrun.infra POD DIR``)
-before any container, connects to ``DIR/infra.sock`` from its selectors loop and waits
+before any container, connects to ``DIR/infra.sock`` from its event loop and waits
 for ``ready`` (or ``failed``); then it writes container events in the JSON that
 ``magikrun.infra._events.event_to_json`` writes. Writing never blocks PID 1: messages
 wait in a bounded buffer, events that do not fit are counted, and an ``EventsDropped``

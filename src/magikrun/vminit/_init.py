@@ -1,7 +1,10 @@
 """PID 1's duties in the guest: an event loop, reaping, signal forwarding, processes.
 
-Written on ``selectors`` rather than asyncio: under TCG importing asyncio alone costs
-the boot over two seconds. As PID 1 this process inherits every orphan, so it alone
+Written on ``epoll`` rather than asyncio: under TCG importing asyncio alone costs
+the boot over two seconds; and on the C modules (``_signal``, ``_heapq``,
+``_collections``) rather than ``signal``, ``selectors``, ``heapq`` and ``collections``,
+whose imports (``enum`` for the signal names, ``collections`` for selectors' keys)
+cost it a few hundred milliseconds more. As PID 1 this process inherits every orphan, so it alone
 calls ``waitpid(-1)`` (woken by SIGCHLD through the signal wakeup fd) and hands each
 exit status to whoever started that pid; SIGTERM and SIGINT are passed on to the
 processes it runs.
@@ -9,13 +12,19 @@ processes it runs.
 
 from __future__ import annotations
 
-import collections
-import heapq
+import _heapq
 import os
-import selectors
-import signal
+import select
 import time
-from collections.abc import Callable, Mapping, Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typeshed has no stubs for _signal and _collections
+    import signal as _signal
+    from collections import deque
+    from collections.abc import Callable, Mapping, Sequence
+else:
+    import _signal
+    from _collections import deque
 
 __all__ = ["LogBuffer", "Loop", "Output", "Process", "Supervisor", "now_rfc3339", "power_off"]
 
@@ -38,27 +47,38 @@ def now_rfc3339() -> str:
 
 
 class Loop:
-    """File-descriptor callbacks and timers on one selector."""
+    """File-descriptor callbacks and timers on one epoll instance."""
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         self.running = True
 
+    def _register(self, fd: int, events: int, callback: Callable[[], None]) -> None:
+        if fd in self._callbacks:
+            raise KeyError(f"fd {fd} is already registered")
+        self._epoll.register(fd, events)
+        self._callbacks[fd] = callback
+
+    def _unregister(self, fd: int) -> None:
+        del self._callbacks[fd]
+        self._epoll.unregister(fd)
+
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._selector.register(fd, selectors.EVENT_READ, callback)
+        self._register(fd, select.EPOLLIN, callback)
 
     def remove_reader(self, fd: int) -> None:
-        self._selector.unregister(fd)
+        self._unregister(fd)
 
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` while ``fd`` is writable (one kind of interest per fd: callers
         that also read register a ``dup`` of it)."""
-        self._selector.register(fd, selectors.EVENT_WRITE, callback)
+        self._register(fd, select.EPOLLOUT, callback)
 
     def remove_writer(self, fd: int) -> None:
-        self._selector.unregister(fd)
+        self._unregister(fd)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> list[bool]:
         """Run ``callback`` after ``delay`` s; set the returned flag's [0] to cancel it."""
@@ -69,18 +89,20 @@ class Loop:
             if not cancelled[0]:
                 callback()
 
-        heapq.heappush(self._timers, (time.monotonic() + delay, self._seq, guarded))
+        _heapq.heappush(self._timers, (time.monotonic() + delay, self._seq, guarded))
         return cancelled
 
     def run(self) -> None:
         while self.running:
-            timeout = None
+            timeout = -1.0
             if self._timers:
                 timeout = max(self._timers[0][0] - time.monotonic(), 0.0)
-            for key, _ in self._selector.select(timeout):
-                key.data()
+            for fd, _ in self._epoll.poll(timeout):
+                callback = self._callbacks.get(fd)  # None: an earlier callback removed it
+                if callback is not None:
+                    callback()
             while self._timers and self._timers[0][0] <= time.monotonic():
-                heapq.heappop(self._timers)[2]()
+                _heapq.heappop(self._timers)[2]()
 
 
 class Output:
@@ -147,14 +169,14 @@ class Supervisor:
         self._signalled: list[int] = []
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = wake_r
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._note)
+        _signal.set_wakeup_fd(wake_w)
+        for sig in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGINT):
+            _signal.signal(sig, self._note)
         loop.add_reader(wake_r, self._woken)
         self.on_signal: Callable[[int], None] = lambda sig: None
 
     def _note(self, sig: int, frame: object) -> None:
-        if sig != signal.SIGCHLD:
+        if sig != _signal.SIGCHLD:
             self._signalled.append(sig)
 
     def _woken(self) -> None:
@@ -232,7 +254,7 @@ class LogBuffer:
     """The newest log records of one process, with absolute positions for followers."""
 
     def __init__(self, max_lines: int) -> None:
-        self.records: collections.deque[dict[str, str]] = collections.deque(maxlen=max_lines)
+        self.records: deque[dict[str, str]] = deque(maxlen=max_lines)
         self.total = 0
         self._partial = {"stdout": b"", "stderr": b""}
 

@@ -23,7 +23,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["READ_ONLY_OPTIONS", "SHARE_OPTIONS", "configure_network", "mount", "prepare"]
+__all__ = [
+    "READ_ONLY_OPTIONS",
+    "SHARE_OPTIONS",
+    "configure_network",
+    "mount",
+    "mount_system",
+    "prepare",
+]
 
 SHARE_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288"
 """Writable pod shares: no ``cache=loose``, the host writes into them as well."""
@@ -31,9 +38,18 @@ READ_ONLY_OPTIONS = SHARE_OPTIONS + ",cache=loose,ro"
 """Read-only host directories (a Python's site-packages): cached, as the guest's root is."""
 
 MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
-_FLAG_OPTIONS = {"ro": MS_RDONLY, "rw": 0}
+_FLAG_OPTIONS = {
+    "ro": MS_RDONLY,
+    "rw": 0,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+}
 """Options that ``mount(8)`` turns into flags: the filesystem's own parser ignores them."""
 
 # <linux/sockios.h>, <linux/if.h>, <linux/route.h>
@@ -91,6 +107,29 @@ def mount(
         err = ctypes.get_errno()
         what = f"mount {fstype} {source!r} on {target}" if fstype else f"remount {target} {options}"
         raise OSError(err, f"cannot {what}: {os.strerror(err)}")
+
+
+HOSTNAME = "magikrun-vm"
+SYSTEM_MOUNTS = (
+    ("proc", "/proc", "proc", "nosuid,nodev,noexec"),
+    ("sysfs", "/sys", "sysfs", "nosuid,nodev,noexec"),
+    ("dev", "/dev", "devtmpfs", "nosuid,mode=0755"),
+    ("devpts", "/dev/pts", "devpts", "nosuid,noexec,newinstance,ptmxmode=0666"),
+    ("shm", "/dev/shm", "tmpfs", "mode=1777,nosuid,nodev"),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", "nosuid,nodev,noexec"),
+)
+"""(source, target, type, options) of the kernel filesystems, in order (/init made the
+first three mount points in the read-only root; the others live in what mounts before)."""
+
+
+def mount_system() -> None:
+    """Mount :data:`SYSTEM_MOUNTS` and set the hostname: first thing in PID 1, which
+    does it by system calls where busybox ``mount`` processes cost the boot ~30 ms each."""
+    for source, target, fstype, options in SYSTEM_MOUNTS:
+        if target.startswith("/dev/"):
+            os.makedirs(target, exist_ok=True)
+        mount(source, target, fstype, options)
+    _socket.sethostname(HOSTNAME)
 
 
 def _run(argv: list[str]) -> None:

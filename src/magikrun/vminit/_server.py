@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import binascii
 import os
-import signal
 from _operator import _compare_digest as compare_digest  # hmac uses it; hmac loads OpenSSL
-from collections.abc import Callable
 
 from ._init import LogBuffer, Process, Supervisor
 from ._protocol import OPS, PORT_NAME, decode, encode
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # typeshed has no stubs for _signal
+    import signal as _signal
+    from collections.abc import Callable
     from typing import Any
 
     from ._infra import InfraRelay
+else:
+    import _signal  # signal.py builds its enums, which costs the boot under TCG (see _init)
 
 __all__ = ["ControlServer", "Service", "find_port"]
 
@@ -332,7 +334,7 @@ class ControlServer:
 
         def overdue() -> None:
             state["timed_out"] = True
-            Supervisor.signal_group(process, signal.SIGKILL)
+            Supervisor.signal_group(process, _signal.SIGKILL)
 
         timer = self._supervisor.loop.call_later(float(request["limit"]), overdue)
 
@@ -400,7 +402,7 @@ class ControlServer:
 
         def kill_all(processes: list[Process]) -> None:
             for process in processes:
-                Supervisor.signal_group(process, signal.SIGKILL)
+                Supervisor.signal_group(process, _signal.SIGKILL)
 
         def finish() -> None:
             if not all(process.done for process in apps):
@@ -417,7 +419,7 @@ class ControlServer:
             loop.call_later(0.05, self._on_stop)
 
         for process in apps:
-            Supervisor.signal_group(process, signal.SIGTERM)
+            Supervisor.signal_group(process, _signal.SIGTERM)
         loop.call_later(grace, lambda: kill_all(apps))
         finish()
 
