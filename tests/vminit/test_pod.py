@@ -120,34 +120,23 @@ def test_a_failing_remount_names_the_path_and_the_reason(short_tmp: Path) -> Non
 
 
 @requires_root
-def test_mount_turns_ro_into_a_flag_and_passes_the_rest(short_tmp: Path) -> None:
+def test_mount_turns_ro_nosuid_nodev_noexec_into_flags_and_passes_the_rest(
+    short_tmp: Path,
+) -> None:
     target = short_tmp / "t"
     target.mkdir()
     code = (
         "import os,stat; from magikrun.vminit._pod import mount;"
-        f' mount("tmp", "{target}", "tmpfs", "mode=0701,ro,size=1m");'
-        f' print(bool(os.statvfs("{target}").f_flag & os.ST_RDONLY),'
+        f' mount("tmp", "{target}", "tmpfs", "mode=0701,ro,nosuid,nodev,noexec,size=1m");'
+        f' f = os.statvfs("{target}").f_flag;'
+        " print(*(bool(f & flag) for flag in"
+        " (os.ST_RDONLY, os.ST_NOSUID, os.ST_NODEV, os.ST_NOEXEC)),"
         f' oct(stat.S_IMODE(os.stat("{target}").st_mode)))'
     )
     done = _in_namespace("-m", f"mount --make-rprivate / && {_python(code)}")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "0o701"]
+    assert done.stdout.split() == ["True", "True", "True", "True", "0o701"]
     assert not _mounted(target)
-
-
-@requires_root
-def test_mount_turns_nosuid_nodev_noexec_into_flags(short_tmp: Path) -> None:
-    target = short_tmp / "t"
-    target.mkdir()
-    code = (
-        "import os; from magikrun.vminit._pod import mount;"
-        f' mount("tmp", "{target}", "tmpfs", "nosuid,nodev,noexec,size=1m");'
-        f' f = os.statvfs("{target}").f_flag;'
-        " print(bool(f & os.ST_NOSUID), bool(f & os.ST_NODEV), bool(f & os.ST_NOEXEC))"
-    )
-    done = _in_namespace("-m", f"mount --make-rprivate / && {_python(code)}")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "True", "True"]
     assert not _mounted(target)
 
 
