@@ -37,7 +37,10 @@ async def program(short_tmp: Path) -> AsyncIterator[Program]:
     ext = install(short_tmp / "ext")
 
     async def start(
-        extensions: list[str], config: dict[str, str] | None = None, grace: float = 30.0
+        extensions: list[str],
+        config: dict[str, str] | None = None,
+        grace: float = 30.0,
+        targets: dict[str, str] | None = None,
     ) -> Any:
         directory = short_tmp / "infra"
         directory.mkdir(mode=0o700)
@@ -55,6 +58,10 @@ async def program(short_tmp: Path) -> AsyncIterator[Program]:
             extensions=extensions,
             path=[str(ext)],
         )
+        if targets:  # what the host resolved no longer imports (uninstalled, broken)
+            document = json.loads((directory / "pod.json").read_text())
+            document["targets"].update(targets)
+            (directory / "pod.json").write_text(json.dumps(document))
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-I",
@@ -125,12 +132,40 @@ async def test_on_event_errors_are_counted_not_fatal(program: Program) -> None:
     assert "ValueError: cannot handle b" in err
 
 
-async def test_unknown_extension_fails_the_handshake(program: Program) -> None:
-    proc, directory = await program(["recorder", "nope"])
+def test_unknown_extension_is_refused_before_the_program_starts(short_tmp: Path) -> None:
+    with pytest.raises(InfraExtensionFailed) as caught:
+        write_pod_config(
+            short_tmp,
+            name="p",
+            namespace="default",
+            uid="u",
+            labels={},
+            annotations={},
+            pod_ip=None,
+            placement="native",
+            grace=30.0,
+            extensions=["health", "nope"],
+            path=[],
+        )
+    assert caught.value.message.startswith(
+        "infra extension 'nope' of pod default_p failed to start: "
+        "no infra extension named 'nope' (installed: "
+    )
+    assert "health" in caught.value.message.rpartition("installed: ")[2]
+    assert caught.value.subject["extension"] == "nope"
+    assert list(short_tmp.iterdir()) == []
+
+
+async def test_extension_that_no_longer_imports_fails_the_handshake(program: Program) -> None:
+    proc, directory = await program(
+        ["recorder", "flaky"], targets={"flaky": "magikrun_uninstalled_ext:Gone"}
+    )
     link = await InfraLink.connect_unix(directory, on_port=None, pod_id="default_p")
-    with pytest.raises(InfraExtensionFailed, match=r"'nope'.*no infra extension named 'nope'") as e:
+    with pytest.raises(
+        InfraExtensionFailed, match=r"'flaky'.*No module named 'magikrun_uninstalled_ext'"
+    ) as e:
         await link.wait_ready()
-    assert e.value.subject["extension"] == "nope"
+    assert e.value.subject["extension"] == "flaky"
     await link.aclose()
     code, _ = await _stop(proc)
     assert code == 1

@@ -22,8 +22,8 @@ from ._host import CONFIG_ANNOTATION_PREFIX as CONFIG_ANNOTATION_PREFIX
 from ._host import EXTENSIONS_ANNOTATION as EXTENSIONS_ANNOTATION
 from ._host import INFRA_PATH_ENV as INFRA_PATH_ENV
 from ._host import InfraLink as InfraLink
+from ._host import load_extension as load_extension
 from ._main import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
-from ._main import load_extension as load_extension
 from ._main import main as main
 
 __all__ = [

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from ..errors import (
 from ..platform._limits import INFRA_MESSAGE_MAX, INFRA_READY_TIMEOUT
 from ._channel import ChannelClosed, read_message, write_message
 from ._events import Event, event_to_json
+from ._extension import InfraExtension
+from ._main import ENTRY_POINT_GROUP, instantiate
 
 __all__ = [
     "CONFIG_ANNOTATION_PREFIX",
@@ -35,6 +38,8 @@ __all__ = [
     "extension_failed",
     "infra_extensions",
     "infra_path",
+    "load_extension",
+    "resolve_extensions",
     "write_pod_config",
 ]
 
@@ -77,6 +82,43 @@ def infra_path() -> list[str]:
     return entries
 
 
+def resolve_extensions(pod_id: str, names: Sequence[str], path: Sequence[str]) -> dict[str, str]:
+    """Each named extension's entry point (``module:attr``), found here on the host in the
+    ``magikrun.infra_extensions`` group of the distributions on ``sys.path`` and then
+    ``path`` (the infra program's own search order), so an unknown name fails the pod
+    before anything starts and the infra program imports each module directly (scanning
+    the distributions' metadata costs a microVM's boot seconds under TCG).
+    """
+    found = _entry_points(path)
+    for name in names:
+        if name not in found:
+            raise extension_failed(pod_id, name, _unknown(name, found))
+    return {name: found[name] for name in names}
+
+
+def load_extension(name: str) -> InfraExtension:
+    """Instantiate the extension registered under ``name`` in ``magikrun.infra_extensions``
+    on this Python's path (``LookupError`` when none is)."""
+    found = _entry_points(())
+    if name not in found:
+        raise LookupError(_unknown(name, found))
+    return instantiate(name, found[name])
+
+
+def _entry_points(path: Sequence[str]) -> dict[str, str]:
+    from importlib.metadata import distributions  # its imports are heavy; host only
+
+    found: dict[str, str] = {}
+    for distribution in distributions(path=[*sys.path, *path]):
+        for entry in distribution.entry_points.select(group=ENTRY_POINT_GROUP):
+            found.setdefault(entry.name, entry.value)
+    return found
+
+
+def _unknown(name: str, found: Mapping[str, str]) -> str:
+    return f"no infra extension named {name!r} (installed: {', '.join(sorted(found)) or 'none'})"
+
+
 def write_pod_config(
     directory: Path,
     *,
@@ -91,7 +133,9 @@ def write_pod_config(
     extensions: Sequence[str],
     path: Sequence[str],
 ) -> None:
-    """``pod.json``, what the infra program reads at start (written before it starts)."""
+    """``pod.json``, what the infra program reads at start (written before it starts),
+    with the entry point of each extension (:func:`resolve_extensions`)."""
+    targets = resolve_extensions(f"{namespace}_{name}", extensions, path)
     config = {
         n: annotations[CONFIG_ANNOTATION_PREFIX + n]
         for n in extensions
@@ -107,6 +151,7 @@ def write_pod_config(
         "placement": placement,
         "grace": grace,
         "extensions": list(extensions),
+        "targets": targets,
         "config": config,
         "path": list(path),
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +32,21 @@ from ._channel import ChannelClosed, read_message, write_message
 from ._events import Event, EventsDropped, PodStopping, event_from_json
 from ._extension import InfraContext, InfraExtension
 
-__all__ = ["ENTRY_POINT_GROUP", "load_extension", "main"]
+__all__ = ["ENTRY_POINT_GROUP", "instantiate", "main"]
 
 ENTRY_POINT_GROUP = "magikrun.infra_extensions"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _log = logging.getLogger("magikrun.infra")
 
 
-class ExtensionNotFound(LookupError):
-    """No entry point of ``ENTRY_POINT_GROUP`` has this name."""
-
-
-def load_extension(name: str) -> InfraExtension:
-    """Instantiate the extension registered under ``name`` in ``magikrun.infra_extensions``."""
-    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
-    if not found:
-        known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-        raise ExtensionNotFound(
-            f"no infra extension named {name!r} (installed: {', '.join(known) or 'none'})"
-        )
-    cls = next(iter(found)).load()
-    extension = cls()
+def instantiate(name: str, target: str) -> InfraExtension:
+    """The extension ``name`` made from its entry point's ``target`` (``module:attr``, as
+    the host resolved it: see ``_host.resolve_extensions``)."""
+    module, _, attr = target.partition(":")
+    found: Any = importlib.import_module(module.strip())
+    for part in attr.strip().split(".") if attr.strip() else ():
+        found = getattr(found, part)
+    extension = found()
     if not isinstance(extension, InfraExtension):
         raise TypeError(f"entry point {name!r} is not an InfraExtension")
     extension.name = extension.name or name
@@ -133,7 +127,7 @@ class _Infra:
         """Load and start every extension, in order; undo the started ones on failure."""
         for name in self.pod.get("extensions", []):
             try:
-                extension = load_extension(name)
+                extension = instantiate(name, str(self.pod["targets"][name]))
                 running = _Running(extension, self.context(name))
                 await extension.on_start(running.ctx)
             except Exception as exc:
