@@ -330,8 +330,8 @@ class InfraExtensionFailed(PodError):
     """Raised when a pod's infra extension is unknown or its ``on_start`` failed; ``extension``."""
 
     default_hint = (
-        "install the extension (entry point group magikrun.infra_extensions) or fix its "
-        "configuration annotation; see the infra container's log"
+        "install the extension (entry point group magikrun.infra_extensions) or fix what "
+        "its error names (its magikrun.io/infra-config.<name> annotation, what it reaches)"
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from magikrun.errors import PodStartFailed
+from magikrun.errors import InfraExtensionFailed, PodStartFailed
 from magikrun.infra import INFRA_PATH_ENV
 from magikrun.pod import PodSpec
 from magikrun.pod._base import pod_dir
@@ -75,8 +75,12 @@ async def test_failing_on_start_rolls_the_pod_back(env: PodEnv, ext_path: Path) 
 async def test_unknown_extension_fails_the_pod(env: PodEnv) -> None:
     runtime = env.native()
     spec = PodSpec.from_yaml(infra_pod(unique(), "health,nope", {"app": "sleep 600"}))
-    with pytest.raises(PodStartFailed, match="no infra extension named 'nope'"):
+    with pytest.raises(InfraExtensionFailed) as caught:
         await runtime.run_pod(spec)
+    assert caught.value.message == (
+        f"infra extension 'nope' of pod {spec.id} failed to start: "
+        "no infra extension named 'nope' (installed: health)"
+    )
     assert env.leftovers() == {}
     assert await runtime.list_pods() == []
 

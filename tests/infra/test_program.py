@@ -22,7 +22,12 @@ from magikrun.infra import (
     InfraLink,
     PodStopping,
 )
-from magikrun.infra._host import write_pod_config
+from magikrun.infra._host import (
+    EXTENSIONS_ANNOTATION,
+    INFRA_PATH_ENV,
+    resolve_extensions,
+    write_pod_config,
+)
 from magikrun.platform._limits import INFRA_EVENT_QUEUE
 from tests.infra._kit import free_port
 from tests.infra.extpkg.dist import install
@@ -31,10 +36,11 @@ Program = Callable[..., Awaitable[tuple[asyncio.subprocess.Process, Path]]]
 
 
 @pytest.fixture
-async def program(short_tmp: Path) -> AsyncIterator[Program]:
+async def program(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Program]:
     """Starts ``python -I -m magikrun.infra POD DIR`` with the test distribution on its path."""
     started: list[asyncio.subprocess.Process] = []
     ext = install(short_tmp / "ext")
+    monkeypatch.setenv(INFRA_PATH_ENV, str(ext))
 
     async def start(
         extensions: list[str],
@@ -45,6 +51,7 @@ async def program(short_tmp: Path) -> AsyncIterator[Program]:
         directory = short_tmp / "infra"
         directory.mkdir(mode=0o700)
         annotations = {f"magikrun.io/infra-config.{k}": v for k, v in (config or {}).items()}
+        annotations[EXTENSIONS_ANNOTATION] = ",".join(extensions)
         write_pod_config(
             directory,
             name="p",
@@ -55,7 +62,7 @@ async def program(short_tmp: Path) -> AsyncIterator[Program]:
             pod_ip=None,
             placement="native",
             grace=grace,
-            extensions=extensions,
+            extensions=resolve_extensions("default_p", annotations),
             path=[str(ext)],
         )
         if targets:  # what the host resolved no longer imports (uninstalled, broken)
@@ -132,28 +139,15 @@ async def test_on_event_errors_are_counted_not_fatal(program: Program) -> None:
     assert "ValueError: cannot handle b" in err
 
 
-def test_unknown_extension_is_refused_before_the_program_starts(short_tmp: Path) -> None:
+def test_unknown_extension_is_refused_before_the_program_starts() -> None:
     with pytest.raises(InfraExtensionFailed) as caught:
-        write_pod_config(
-            short_tmp,
-            name="p",
-            namespace="default",
-            uid="u",
-            labels={},
-            annotations={},
-            pod_ip=None,
-            placement="native",
-            grace=30.0,
-            extensions=["health", "nope"],
-            path=[],
-        )
+        resolve_extensions("default_p", {EXTENSIONS_ANNOTATION: "health,nope"})
     assert caught.value.message.startswith(
         "infra extension 'nope' of pod default_p failed to start: "
         "no infra extension named 'nope' (installed: "
     )
     assert "health" in caught.value.message.rpartition("installed: ")[2]
     assert caught.value.subject["extension"] == "nope"
-    assert list(short_tmp.iterdir()) == []
 
 
 async def test_extension_that_no_longer_imports_fails_the_handshake(program: Program) -> None:

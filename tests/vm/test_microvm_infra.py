@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from magikrun.errors import PodStartFailed
+from magikrun.errors import InfraExtensionFailed, PodStartFailed
 from magikrun.image import build_demo_images
 from magikrun.infra import INFRA_PATH_ENV
 from magikrun.infra._events import event_from_json, event_to_json
@@ -239,8 +239,12 @@ async def test_unknown_extension_fails_the_microvm_pod(paths: Paths) -> None:
     await build_demo_images(paths)
     spec = PodSpec.from_yaml(infra_pod("vmnope", "health,nope", {"app": "sleep 600"}))
     runtime = MicroVmPodRuntime(paths)
-    with pytest.raises(PodStartFailed, match="no infra extension named 'nope'"):
-        await runtime.run_pod(spec)
+    with pytest.raises(InfraExtensionFailed) as caught:
+        await runtime.run_pod(spec)  # before the boot: nothing of the pod was made
+    assert caught.value.message == (
+        f"infra extension 'nope' of pod {spec.id} failed to start: "
+        "no infra extension named 'nope' (installed: health)"
+    )
     assert _leftovers(paths) == {}
     assert await runtime.list_pods() == []
 

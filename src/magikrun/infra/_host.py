@@ -82,14 +82,18 @@ def infra_path() -> list[str]:
     return entries
 
 
-def resolve_extensions(pod_id: str, names: Sequence[str], path: Sequence[str]) -> dict[str, str]:
-    """Each named extension's entry point (``module:attr``), found here on the host in the
-    ``magikrun.infra_extensions`` group of the distributions on ``sys.path`` and then
-    ``path`` (the infra program's own search order), so an unknown name fails the pod
-    before anything starts and the infra program imports each module directly (scanning
-    the distributions' metadata costs a microVM's boot seconds under TCG).
+def resolve_extensions(pod_id: str, annotations: Mapping[str, str]) -> dict[str, str]:
+    """The extensions the pod names (:func:`infra_extensions`), each with its entry point
+    (``module:attr``) found here on the host in the ``magikrun.infra_extensions`` group of
+    the distributions on ``sys.path`` and then :func:`infra_path` (the infra program's own
+    search order). So an unknown name fails ``run_pod`` before anything of the pod exists,
+    and the infra program imports each module directly: scanning the distributions'
+    metadata would cost a microVM's boot seconds under TCG.
     """
-    found = _entry_points(path)
+    names = infra_extensions(annotations)
+    if not names:
+        return {}
+    found = _entry_points(infra_path())
     for name in names:
         if name not in found:
             raise extension_failed(pod_id, name, _unknown(name, found))
@@ -130,12 +134,11 @@ def write_pod_config(
     pod_ip: str | None,
     placement: str,
     grace: float,
-    extensions: Sequence[str],
+    extensions: Mapping[str, str],
     path: Sequence[str],
 ) -> None:
-    """``pod.json``, what the infra program reads at start (written before it starts),
-    with the entry point of each extension (:func:`resolve_extensions`)."""
-    targets = resolve_extensions(f"{namespace}_{name}", extensions, path)
+    """``pod.json``, what the infra program reads at start (written before it starts):
+    ``extensions`` maps each name to its entry point (:func:`resolve_extensions`)."""
     config = {
         n: annotations[CONFIG_ANNOTATION_PREFIX + n]
         for n in extensions
@@ -151,7 +154,7 @@ def write_pod_config(
         "placement": placement,
         "grace": grace,
         "extensions": list(extensions),
-        "targets": targets,
+        "targets": dict(extensions),
         "config": config,
         "path": list(path),
     }

@@ -33,7 +33,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -49,7 +49,7 @@ from ..errors import (
     VmBootFailed,
 )
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, ProgressCallback
-from ..infra._host import extension_failed, infra_extensions, infra_path, write_pod_config
+from ..infra._host import extension_failed, infra_path, resolve_extensions, write_pod_config
 from ..platform._limits import (
     EXEC_TIMEOUT,
     MAX_VCPUS,
@@ -171,7 +171,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
         trace("pod.run_pod")
         await self._ready()
         network = await self._choose_network()
-        extensions = infra_extensions(spec.metadata.annotations)
+        extensions = await finish_in_thread(resolve_extensions, spec.id, spec.metadata.annotations)
         record = self.store.create(spec, self.name)
         pod = record.id
         where = _Where()
@@ -323,7 +323,7 @@ class MicroVmPodRuntime(PodRuntimeBase):
         rootfs: dict[str, Path],
         network: str,
         attached: NetworkStatus | None,
-        extensions: Sequence[str],
+        extensions: Mapping[str, str],
     ) -> dict[str, Any]:
         """What the keeper boots: shares, the containers' crun commands, size, network,
         the pod IP the guest has, and the infra program when the pod has extensions."""
@@ -517,7 +517,7 @@ def _info(
 
 
 def _write_infra_config(
-    spec: PodSpec, directory: Path, plan: dict[str, Any], extensions: Sequence[str]
+    spec: PodSpec, directory: Path, plan: dict[str, Any], extensions: Mapping[str, str]
 ) -> None:
     """``pod.json`` in the pod's shared ``infra`` directory, beside the extensions' state."""
     infra = directory / "infra"

@@ -20,7 +20,7 @@ import ctypes
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .._threads import finish_in_thread
@@ -28,7 +28,13 @@ from ..errors import PodError
 from ..image import BundleBuilder, ContainerConfig, Image, ImageService, Mount, ProgressCallback
 from ..image import Resources as BundleResources
 from ..infra._events import ContainerCreated, ContainerExited, ContainerStarted
-from ..infra._host import InfraLink, infra_extensions, infra_path, write_pod_config
+from ..infra._host import (
+    InfraLink,
+    infra_extensions,
+    infra_path,
+    resolve_extensions,
+    write_pod_config,
+)
 from ..platform._limits import DEFAULT_MEMORY_BYTES, EXEC_TIMEOUT, RESTART_BACKOFF_BASE
 from ..platform._paths import Paths
 from ..runtime import ExecResult, NativeRuntime
@@ -149,7 +155,7 @@ class NativePodRuntime(PodRuntimeBase):
     async def run_pod(self, spec: PodSpec) -> PodHandle:
         """Start the whole pod, or nothing: ``PodStartFailed`` names the step and container."""
         await self._ready()
-        extensions = infra_extensions(spec.metadata.annotations)
+        extensions = await finish_in_thread(resolve_extensions, spec.id, spec.metadata.annotations)
         record = self.store.create(spec, self.name)
         pod = record.id
         where = _Where()
@@ -368,7 +374,7 @@ class NativePodRuntime(PodRuntimeBase):
         directory: Path,
         netns: Path,
         where: _Where,
-        extensions: Sequence[str],
+        extensions: Mapping[str, str],
     ) -> None:
         cid = infra_id(spec.id)
         command = [sys.executable, "-I", "-m", "magikrun.infra", spec.id]
@@ -414,7 +420,7 @@ class NativePodRuntime(PodRuntimeBase):
         rollback: Rollback,
         spec: PodSpec,
         directory: Path,
-        extensions: Sequence[str],
+        extensions: Mapping[str, str],
         *,
         ip: str | None,
     ) -> InfraLink | None:
