@@ -213,3 +213,15 @@ def test_unknown_pod_is_an_error_with_a_hint(short_tmp: Path, args: list[str]) -
     assert "no-such-pod" in proc.stderr and "hint:" in proc.stderr
     proc = _run(root, "--json", *args, code=1)
     assert json.loads(proc.stderr)["error"] == "PodNotFound"
+
+
+def test_vm_network_is_refused_for_a_pod_that_is_no_microvm(root: Path, short_tmp: Path) -> None:
+    manifest = _manifest(short_tmp / "pod.yaml", _name("novm"), [_container("a", LOOP)])
+    proc = _run(root, "pod", "run", "--vm-network", "user", str(manifest), code=1)
+    assert (
+        "magikrun: error: a VM network (user) is for microVM pods, and this pod runs on native"
+        in proc.stderr
+    )
+    assert "hint: drop the VM network, or run the pod with runtime microvm" in proc.stderr
+    assert _json(root, "pod", "ls") == []
+    assert _mounts_under(root) == []

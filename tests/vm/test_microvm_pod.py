@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -264,4 +265,25 @@ async def test_creator_killed_during_boot_gc_ends_the_orphaned_qemu(
         creator.wait()
     assert _processes(paths)  # the keeper and QEMU outlive their creator
     assert await recover_pods(paths) == [f"default_{name}"]
+    assert _leftovers(paths) == {}
+
+
+async def test_cli_runs_a_microvm_pod_on_the_network_asked_for(
+    paths: Paths, tmp_path: Path
+) -> None:
+    await build_demo_images(paths)
+    name = unique("vm")
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_bytes(pod_yaml(name, busybox("app", "sleep 1000")))
+    env = {**os.environ, "MAGIKRUN_ROOT": str(paths.data)}
+    magikrun = [str(Path(sys.executable).parent / "magikrun"), "--json"]
+    run = [*magikrun, "pod", "run", "--runtime", "microvm", "--vm-network", "user"]
+    ran = subprocess.run([*run, str(manifest)], env=env, capture_output=True, text=True)
+    try:
+        assert ran.returncode == 0, ran.stderr
+        status = json.loads(ran.stdout)
+        assert status["phase"] == "Running"
+        assert status["message"].startswith("network user (requested),")
+    finally:
+        subprocess.run([*magikrun, "pod", "rm", "--force", name], env=env, capture_output=True)
     assert _leftovers(paths) == {}

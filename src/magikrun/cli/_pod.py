@@ -95,9 +95,17 @@ async def _pull_with_progress(paths: Paths, spec: PodSpec) -> None:
     type=click.Choice([*_RUNTIMES, *(f"magikrun-{r}" for r in _RUNTIMES)]),
     help="Override the manifest's runtimeClassName.",
 )
+@click.option(
+    "--vm-network",
+    type=click.Choice(["bridge", "user"]),
+    help="A microVM pod's network: its NIC on the CNI bridge (fails where that can't be set "
+    "up) or QEMU's user-mode networking. Default: the bridge where it works, user otherwise.",
+)
 @json_option
 @click.pass_obj
-def run(ctx: Context, manifest: Path, runtime: str | None, json_flag: bool) -> None:
+def run(
+    ctx: Context, manifest: Path, runtime: str | None, vm_network: str | None, json_flag: bool
+) -> None:
     """Run the pod in MANIFEST (a v1 Pod, plus its ConfigMaps and Secrets).
 
     Returns once every container runs; on failure nothing of the pod is left.
@@ -112,9 +120,9 @@ def run(ctx: Context, manifest: Path, runtime: str | None, json_flag: bool) -> N
     as_json = _wants_json(ctx, json_flag)
 
     async def go() -> PodStatus:
+        backend = open_pod_runtime(paths, runtime, spec, vm_network=vm_network)
         if sys.stderr.isatty() and not as_json:
             await _pull_with_progress(paths, spec)
-        backend = open_pod_runtime(paths, runtime, spec)
         handle = await backend.run_pod(spec)
         return await backend.pod_status(handle.id)
 

@@ -67,14 +67,26 @@ def _all_wasm(paths: Paths, spec: PodSpec) -> bool:
 
 
 def open_pod_runtime(
-    paths: Paths, runtime: str | None = None, spec: PodSpec | None = None
+    paths: Paths,
+    runtime: str | None = None,
+    spec: PodSpec | None = None,
+    *,
+    vm_network: str | None = None,
 ) -> PodRuntime:
-    """The pod runtime for ``runtime`` (a name or runtime class) or for ``spec``.
+    """The pod runtime for ``runtime`` (a name or runtime class) or for ``spec``;
+    ``vm_network`` (``"bridge"`` or ``"user"``) is a microVM pod's network.
 
-    ``InvalidArgument`` lists the valid names for an unknown one; ``RuntimeUnavailable``
-    when the chosen runtime is not built into this magikrun.
+    ``InvalidArgument`` lists the valid names for an unknown one, or refuses a
+    ``vm_network`` for a pod that is no microVM's; ``RuntimeUnavailable`` when the
+    chosen runtime is not built into this magikrun.
     """
     name = runtime_name(paths, runtime, spec)
+    if vm_network is not None and name != "microvm":
+        raise InvalidArgument(
+            f"a VM network ({vm_network}) is for microVM pods, and this pod runs on {name}",
+            hint="drop the VM network, or run the pod with runtime microvm",
+            runtime=name,
+        )
     if name == "native":
         from ._native import NativePodRuntime
 
@@ -91,7 +103,7 @@ def open_pod_runtime(
             hint="run the pod with runtime native or wasm",
             runtime=name,
         ) from exc
-    result: PodRuntime = module.MicroVmPodRuntime(paths)
+    result: PodRuntime = module.MicroVmPodRuntime(paths, network=vm_network)
     return result
 
 
