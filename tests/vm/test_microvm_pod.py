@@ -240,15 +240,21 @@ async def test_restart_policy_is_applied_in_the_guest(paths: Paths) -> None:
     assert _leftovers(paths) == {}
 
 
-async def test_creator_killed_during_boot_gc_ends_the_orphaned_qemu(
-    paths: Paths, tmp_path: Path
-) -> None:
+async def _cli_pod(paths: Paths, tmp_path: Path) -> tuple[str, Path, dict[str, str], str]:
+    """A one-container pod's name and manifest, and the env and console script that run
+    ``magikrun`` on the test's root."""
     await build_demo_images(paths)
     name = unique("vm")
     manifest = tmp_path / "pod.yaml"
     manifest.write_bytes(pod_yaml(name, busybox("app", "sleep 1000")))
     env = {**os.environ, "MAGIKRUN_ROOT": str(paths.data)}
-    magikrun = str(Path(sys.executable).parent / "magikrun")
+    return name, manifest, env, str(Path(sys.executable).parent / "magikrun")
+
+
+async def test_creator_killed_during_boot_gc_ends_the_orphaned_qemu(
+    paths: Paths, tmp_path: Path
+) -> None:
+    name, manifest, env, magikrun = await _cli_pod(paths, tmp_path)
     creator = subprocess.Popen(
         [magikrun, "pod", "run", "--runtime", "microvm", str(manifest)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -271,13 +277,8 @@ async def test_creator_killed_during_boot_gc_ends_the_orphaned_qemu(
 async def test_cli_runs_a_microvm_pod_on_the_network_asked_for(
     paths: Paths, tmp_path: Path
 ) -> None:
-    await build_demo_images(paths)
-    name = unique("vm")
-    manifest = tmp_path / "pod.yaml"
-    manifest.write_bytes(pod_yaml(name, busybox("app", "sleep 1000")))
-    env = {**os.environ, "MAGIKRUN_ROOT": str(paths.data)}
-    magikrun = [str(Path(sys.executable).parent / "magikrun"), "--json"]
-    run = [*magikrun, "pod", "run", "--runtime", "microvm", "--vm-network", "user"]
+    name, manifest, env, magikrun = await _cli_pod(paths, tmp_path)
+    run = [magikrun, "--json", "pod", "run", "--runtime", "microvm", "--vm-network", "user"]
     ran = subprocess.run([*run, str(manifest)], env=env, capture_output=True, text=True)
     try:
         assert ran.returncode == 0, ran.stderr
@@ -285,5 +286,5 @@ async def test_cli_runs_a_microvm_pod_on_the_network_asked_for(
         assert status["phase"] == "Running"
         assert status["message"].startswith("network user (requested),")
     finally:
-        subprocess.run([*magikrun, "pod", "rm", "--force", name], env=env, capture_output=True)
+        subprocess.run([magikrun, "pod", "rm", "--force", name], env=env, capture_output=True)
     assert _leftovers(paths) == {}
