@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from magikrun.platform import Paths
-from magikrun.pod._network import HOST_NETWORKS, root_tag
+from magikrun.pod._network import HOST_NETWORKS, PodNetwork, root_tag
 
 if TYPE_CHECKING:
     from tests._registry import RegistryServer
@@ -52,12 +51,14 @@ def _reap_leftovers(path: Path) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+    bridges = [p.name for p in HOST_NETWORKS.iterdir()] if HOST_NETWORKS.is_dir() else []
     for run in (*path.glob("run"), *path.glob("*/run"), *path.glob("*/*/run")):
-        owner = f".{root_tag(Paths(data=run.parent, run=run))}"
-        for allocation in HOST_NETWORKS.glob("*/ipam/*/*"):
-            with contextlib.suppress(OSError):
-                if allocation.read_text().partition("\r")[0].strip().endswith(owner):
-                    allocation.unlink()
+        root = Paths(data=run.parent, run=run)
+        owner = f".{root_tag(root)}"
+        for bridge in bridges:
+            for allocation, holder in PodNetwork(root, bridge=bridge).allocations().items():
+                if holder.endswith(owner):
+                    allocation.unlink(missing_ok=True)
     prefix = str(path) + "/"
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     for target in reversed(mounts):

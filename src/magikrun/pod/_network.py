@@ -196,12 +196,14 @@ class PodNetwork:
 
     def allocated(self) -> list[str]:
         """The addresses this root's pods hold on the bridge (the bridge's other roots aside)."""
-        return sorted(ip for ip, owner in self._allocations().items() if self._owns(owner))
+        owner = f".{self._root_tag}"
+        return sorted(p.name for p, holder in self.allocations().items() if holder.endswith(owner))
 
-    def _allocations(self) -> dict[str, str]:
-        """Every address allocated on the bridge by any root, with its CNI container id."""
+    def allocations(self) -> dict[Path, str]:
+        """Every address allocated on the bridge by any root: host-local's file for it, with
+        the CNI container id that holds it (the pod id, ``.`` and its :func:`root_tag`)."""
         directory = self._ipam / self.name
-        found: dict[str, str] = {}
+        found: dict[Path, str] = {}
         if not directory.is_dir():
             return found
         for entry in directory.iterdir():
@@ -210,11 +212,8 @@ class PodNetwork:
                 owner = entry.read_text().splitlines()
             except (ValueError, OSError):
                 continue
-            found[entry.name] = owner[0] if owner else ""
+            found[entry] = owner[0] if owner else ""
         return found
-
-    def _owns(self, container_id: str) -> bool:
-        return container_id.endswith(f".{self._root_tag}")
 
     def _config(self, pod_id: str, port_mappings: Sequence[PortMapping]) -> dict[str, Any]:
         """The attachment record: ``lo``'s config and the plugin chain, each config complete.
@@ -297,7 +296,12 @@ class PodNetwork:
                 await self._ensure_masquerade()
                 result = await _together(
                     self._call(
-                        "ADD", "loopback", pod_id, netns, record["loopback"], record["container_id"]
+                        "ADD",
+                        "loopback",
+                        pod_id,
+                        netns,
+                        record["loopback"],
+                        _cni_id(record, pod_id),
                     ),
                     self._add_chain(pod_id, netns, record),
                 )
@@ -418,7 +422,7 @@ class PodNetwork:
             if result is not None:
                 conf["prevResult"] = result
             result = await self._call(
-                "ADD", plugin["type"], pod_id, netns, conf, record["container_id"]
+                "ADD", plugin["type"], pod_id, netns, conf, _cni_id(record, pod_id)
             )
             if plugin["type"] == "bridge":
                 self._write_record(pod_id, {**record, "result": result})
@@ -524,11 +528,11 @@ class PodNetwork:
                 bridge=self.bridge,
             )
         async with self._bridge_lock(fcntl.LOCK_EX):
-            others = self._allocations()
+            others = sorted(p.name for p in self.allocations())
             if others:
                 raise PodNetworkError(
                     f"pods still hold {len(others)} address(es) on {self.bridge}: "
-                    f"{', '.join(sorted(others))}",
+                    f"{', '.join(others)}",
                     hint="delete the pods of the other magikrun roots on this bridge first",
                     bridge=self.bridge,
                 )
