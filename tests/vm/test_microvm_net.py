@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
-import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from magikrun.runtime._tap import tap_unavailable_reason
 
 from ..pod._podkit import PodEnv, busybox, pod_yaml, unique
 from .conftest import _free_port, needs_vm
-from .test_microvm_pod import _processes
+from .test_microvm_pod import _processes, kill_qemu
 
 pytestmark = [pytest.mark.slow, needs_vm]
 
@@ -181,13 +179,7 @@ async def test_qemu_killed_pod_fails_and_delete_frees_netns_and_ip(net: PodEnv) 
     spec = _web_pod(_free_port())
     runtime = MicroVmPodRuntime(net.paths, pod_network=net.net, network="bridge")
     handle = await runtime.run_pod(spec)
-    qemu = int((net.paths.run / "pods" / handle.id / "vm" / "qemu.pid").read_text().split()[0])
-    os.kill(qemu, signal.SIGKILL)
-    for _ in range(100):
-        if (await runtime.pod_status(handle.id)).phase is PodPhase.FAILED:
-            break
-        await asyncio.sleep(0.1)
-    status = await runtime.pod_status(handle.id)
+    status = await kill_qemu(runtime, handle.id)
     assert status.phase is PodPhase.FAILED and status.ip == handle.ip
     assert net.ipam() == [handle.ip]
     assert (net.paths.run / "netns" / handle.id).exists()

@@ -17,7 +17,7 @@ import pytest
 from magikrun.errors import BackendFailed, PodError, PodStartFailed
 from magikrun.image import build_demo_images
 from magikrun.platform import Paths
-from magikrun.pod import PodPhase, PodSpec, open_pod_runtime, recover_pods
+from magikrun.pod import PodPhase, PodSpec, PodStatus, open_pod_runtime, recover_pods
 from magikrun.pod._microvm import MicroVmPodRuntime, vm_size
 
 from ..pod._podkit import BUSYBOX, PodEnv, busybox, pod_yaml, unique
@@ -127,18 +127,24 @@ async def test_two_container_pod_exec_logs_hostport_stop_delete(paths: Paths) ->
     assert _leftovers(paths) == {}
 
 
+async def kill_qemu(runtime: MicroVmPodRuntime, pod_id: str) -> PodStatus:
+    """SIGKILL the pod's QEMU from outside; the pod's status once it turned ``Failed``
+    (or after 10 s)."""
+    pid_file = runtime.paths.run / "pods" / pod_id / "vm" / "qemu.pid"
+    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+    for _ in range(100):
+        if (await runtime.pod_status(pod_id)).phase is PodPhase.FAILED:
+            break
+        await asyncio.sleep(0.1)
+    return await runtime.pod_status(pod_id)
+
+
 async def test_qemu_killed_from_outside_fails_the_pod_and_delete_cleans(paths: Paths) -> None:
     await build_demo_images(paths)
     spec = PodSpec.from_yaml(pod_yaml(unique("vm"), busybox("app", "sleep 1000")))
     runtime = MicroVmPodRuntime(paths)
     handle = await runtime.run_pod(spec)
-    qemu = int((paths.run / "pods" / handle.id / "vm" / "qemu.pid").read_text().split()[0])
-    os.kill(qemu, signal.SIGKILL)
-    for _ in range(100):
-        if (await runtime.pod_status(handle.id)).phase is PodPhase.FAILED:
-            break
-        await asyncio.sleep(0.1)
-    status = await runtime.pod_status(handle.id)
+    status = await kill_qemu(runtime, handle.id)
     assert status.phase is PodPhase.FAILED
     assert "the VM is gone" in (status.message or "")
     with pytest.raises(BackendFailed, match="not running"):
